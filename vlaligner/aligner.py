@@ -1,0 +1,159 @@
+"""The Vision-Language Aligner of EAVL (paper Eqs. 11-14) and the fixed-kernel baseline.
+
+Axis legend: b batch, n queries, c channels, d query width, h w space (of the incoming
+features), H W space of the masks (h * 2**num_upsamples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._validation import check_dim, check_rank, check_same_batch
+from .functional import dynamic_conv2d, fuse_dynamic_kernels
+from .layers import NormLayer, UpProjection
+from .mask_generator import MultiMaskGenerator
+from .query_estimator import MultiQueryEstimator
+
+__all__ = ["AlignerOutput", "VisionLanguageAligner", "FixedKernelHead"]
+
+
+@dataclass
+class AlignerOutput:
+    """What the aligner (or the fixed-kernel baseline) returns, the same in train and eval.
+
+    Attributes:
+        logits: ``(b 1 H W)`` final mask logits, ``sum_i scores_i * query_masks_i``.
+        query_scores: ``(b n)`` weight of each query's mask, summing to 1 over n; None for
+            the fixed-kernel head.
+        query_masks: ``(b n H W)`` per-query mask logits, only when asked for
+            (``return_query_masks=True``), else None.
+    """
+
+    logits: torch.Tensor
+    query_scores: Optional[torch.Tensor] = None
+    query_masks: Optional[torch.Tensor] = None
+
+
+class VisionLanguageAligner(nn.Module):
+    """Multi-Mask Generator + Multi-Query Estimator + score-weighted aggregation.
+
+    The logits are always computed with the fused kernel ``sum_i s_i K_i`` (one convolution
+    whatever n, in training and inference), which equals the weighted sum of the n masks by
+    linearity. The n masks are computed only when ``return_query_masks=True``.
+
+    Args:
+        in_channels: channels of the incoming features (e.g. the decoder output).
+        query_dim: width d of the queries.
+        kernel_size: odd k of the query kernels.
+        num_heads: attention heads of the estimator.
+        use_estimator: False gives every query the weight 1/n (the paper's ablation).
+        num_upsamples: rounds of 2x upsampling before the kernels (2 in EAVL: stride 16 -> 4).
+        mask_channels: channels the kernels act on (default: halved per upsampling round).
+        norm_layer: normalisation used in the up-projection.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        query_dim: int,
+        kernel_size: int = 3,
+        num_heads: int = 8,
+        use_estimator: bool = True,
+        num_upsamples: int = 0,
+        mask_channels: Optional[int] = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.mask_generator = MultiMaskGenerator(
+            in_channels=in_channels, query_dim=query_dim, kernel_size=kernel_size,
+            num_upsamples=num_upsamples, mask_channels=mask_channels, norm_layer=norm_layer,
+        )
+        self.estimator = (
+            MultiQueryEstimator(query_dim=query_dim, num_heads=num_heads) if use_estimator else None
+        )
+
+    @property
+    def use_estimator(self) -> bool:
+        return self.estimator is not None
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """``(b n d)`` queries -> ``(b n)`` weights: the estimator's, or 1/n without it."""
+        if self.estimator is not None:
+            return self.estimator(queries)
+        b, n = queries.shape[:2]
+        return queries.new_full((b, n), 1.0 / n)
+
+    def forward(
+        self, features: torch.Tensor, queries: torch.Tensor, return_query_masks: bool = False
+    ) -> AlignerOutput:
+        """Align: per-query kernels, scores, and the fused mask.
+
+        Args:
+            features: ``(b in_channels h w)``.
+            queries: ``(b n query_dim)``.
+            return_query_masks: also compute the n per-query masks (for display, Fig. 4).
+
+        Returns:
+            ``AlignerOutput`` with ``logits (b 1 H W)``, ``query_scores (b n)`` and
+            ``query_masks (b n H W)`` or None.
+        """
+        projected, weight, bias = self.mask_generator.kernels(features, queries)
+        scores = self.scores(queries)
+        fused_weight, fused_bias = fuse_dynamic_kernels(weight, bias, scores)
+        logits = dynamic_conv2d(projected, fused_weight, fused_bias)
+        query_masks = dynamic_conv2d(projected, weight, bias) if return_query_masks else None
+        return AlignerOutput(logits=logits, query_scores=scores, query_masks=query_masks)
+
+
+class FixedKernelHead(nn.Module):
+    """The paper's table-III baseline: the same up-projection, then one fixed learned kernel.
+
+    It ignores the queries (they may still feed the decoder upstream). Returns an
+    ``AlignerOutput`` with ``query_scores`` and ``query_masks`` None, so that the two heads are
+    interchangeable.
+
+    Args:
+        in_channels: channels of the incoming features.
+        kernel_size: odd size of the fixed kernel.
+        num_upsamples: rounds of 2x upsampling before the kernel.
+        mask_channels: channels the kernel acts on (default: halved per upsampling round).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        kernel_size: int = 1,
+        num_upsamples: int = 0,
+        mask_channels: Optional[int] = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        self.in_channels = in_channels
+        self.projection = UpProjection(
+            in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
+            norm_layer=norm_layer,
+        )
+        self.classifier = nn.Conv2d(
+            self.projection.out_channels, 1, kernel_size, padding=kernel_size // 2
+        )
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        queries: Optional[torch.Tensor] = None,
+        return_query_masks: bool = False,
+    ) -> AlignerOutput:
+        """``(b in_channels h w)`` -> ``AlignerOutput(logits (b 1 H W))``; queries are ignored."""
+        check_rank("features", features, "b c h w")
+        check_dim("features", features, "b c h w", 1, self.in_channels)
+        if queries is not None:
+            check_same_batch(features=features, queries=queries)
+        return AlignerOutput(logits=self.classifier(self.projection(features)))

@@ -1,0 +1,286 @@
+"""The math of the Vision-Language Aligner as pure functions.
+
+Axis legend: b batch, n queries, c channels, h w space, k kernel size (odd), p flat
+parameters per query (c*k*k + 1).
+
+The aligner turns each of n queries into a k x k convolution kernel over c channels plus a
+bias (``split_dynamic_params``), applies all of them to the sample's own feature map in one
+batched op (``dynamic_conv2d``), and weights the n masks by scores. Because convolution is
+linear in its kernel, the weighted sum of n masks equals one convolution with the weighted
+kernel (``fuse_dynamic_kernels``): that is the fused fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ._validation import check_dim, check_floating, check_rank
+
+__all__ = [
+    "dynamic_conv2d",
+    "split_dynamic_params",
+    "fuse_dynamic_kernels",
+    "weighted_mask_sum",
+    "coord_features",
+    "DynamicConvMethod",
+]
+
+DynamicConvMethod = Literal["auto", "taps", "grouped", "einsum"]
+
+
+def _check_dynamic_conv_inputs(
+    features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> None:
+    check_rank("features", features, "b c h w")
+    check_rank("weight", weight, "b n c k k")
+    check_floating("features", features)
+    check_floating("weight", weight)
+    b, c = features.shape[:2]
+    if weight.shape[0] != b:
+        raise ValueError(
+            f"weight must have shape (b n c k k) with the batch size of features (b = {b}), "
+            f"got weight shape {tuple(weight.shape)} and features shape {tuple(features.shape)}"
+        )
+    check_dim("weight", weight, "b n c k k", 2, c)
+    k, k2 = weight.shape[-2:]
+    if k != k2 or k % 2 == 0:
+        raise ValueError(
+            f"weight must have shape (b n c k k) with a square, odd kernel size k, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_rank("bias", bias, "b n")
+        if tuple(bias.shape) != tuple(weight.shape[:2]):
+            raise ValueError(
+                f"bias must have shape (b n) = {tuple(weight.shape[:2])}, "
+                f"got shape {tuple(bias.shape)}"
+            )
+    if features.dtype != weight.dtype and not _autocast_enabled(features.device.type):
+        raise TypeError(
+            f"features and weight must have the same dtype outside torch.autocast, "
+            f"got {features.dtype} and {weight.dtype}"
+        )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument and only reports CUDA
+        return torch.is_autocast_enabled()
+
+
+def _choose_method(n: int, k: int, device_type: str) -> str:
+    """Pick the fastest implementation, from ``benchmarks/bench_aligner.py`` measurements.
+
+    A 1x1 kernel is a plain batched matmul. For k > 1 the "taps" form (one matmul over the
+    k*k taps, then k*k shifted adds) beat a grouped convolution with the batch folded into
+    channels in every case measured on a 2-core CPU (and, per the planning notes, on an H100
+    for n = 1); a grouped convolution is only competitive at large n on CUDA, where cuDNN
+    runs it close to the matmul rate.
+    """
+    if k == 1:
+        return "einsum"
+    if device_type == "cuda" and n >= 8:
+        return "grouped"
+    return "taps"
+
+
+def _dynamic_conv_einsum(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1x1 kernels: ``masks[b n h w] = sum_c weight[b n c] * features[b c h w]``."""
+    b, c, h, w = features.shape
+    masks = torch.bmm(weight.reshape(b, -1, c), features.reshape(b, c, h * w))
+    return masks.reshape(b, -1, h, w)
+
+
+def _dynamic_conv_taps(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """k x k kernels as one matmul over the k*k taps followed by k*k shifted adds.
+
+    ``taps[b n i j y x] = sum_c weight[b n c i j] * features[b c y x]``; then
+    ``masks[b n y x] = sum_ij taps[b n i j, y + i - k//2, x + j - k//2]`` with zeros outside,
+    which is exactly ``F.conv2d`` (cross-correlation) with "same" zero padding.
+    """
+    b, c, h, w = features.shape
+    n, k = weight.shape[1], weight.shape[-1]
+    flat_weight = rearrange(weight, "b n c i j -> b (n i j) c")
+    taps = torch.bmm(flat_weight, features.reshape(b, c, h * w))
+    taps = taps.reshape(b, n, k, k, h, w)
+    return _sum_shifted_taps(taps)
+
+
+def _sum_shifted_taps(taps: torch.Tensor) -> torch.Tensor:
+    """``(b n k k h w)`` per-tap responses -> ``(b n h w)`` "same"-padded convolution output."""
+    k, h, w = taps.shape[2], taps.shape[-2], taps.shape[-1]
+    p = k // 2
+    out = taps[:, :, p, p].clone()  # the centre tap covers every pixel
+    for i in range(k):
+        for j in range(k):
+            di, dj = i - p, j - p
+            if (di == 0 and dj == 0) or abs(di) >= h or abs(dj) >= w:
+                continue
+            y0, y1 = max(0, -di), h - max(0, di)
+            x0, x1 = max(0, -dj), w - max(0, dj)
+            out[:, :, y0:y1, x0:x1] += taps[:, :, i, j, y0 + di : y1 + di, x0 + dj : x1 + dj]
+    return out
+
+
+def _dynamic_conv_grouped(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """k x k kernels as one grouped convolution with the batch folded into channels."""
+    b, c, h, w = features.shape
+    n, k = weight.shape[1], weight.shape[-1]
+    masks = F.conv2d(
+        features.reshape(1, b * c, h, w),
+        weight.reshape(b * n, c, k, k),
+        padding=k // 2,
+        groups=b,
+    )
+    return masks.reshape(b, n, h, w)
+
+
+_METHODS = {
+    "einsum": _dynamic_conv_einsum,
+    "taps": _dynamic_conv_taps,
+    "grouped": _dynamic_conv_grouped,
+}
+
+
+def dynamic_conv2d(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    method: DynamicConvMethod = "auto",
+) -> torch.Tensor:
+    """Apply per-sample, per-query convolution kernels with "same" padding, in one batched op.
+
+    Sample ``i``'s kernels touch only sample ``i``'s features. Equal (up to float rounding)
+    to looping ``F.conv2d(features[i:i+1], weight[i], bias[i], padding=k // 2)`` over the batch.
+
+    Args:
+        features: ``(b c h w)`` feature maps.
+        weight: ``(b n c k k)`` kernels, ``k`` odd.
+        bias: ``(b n)`` biases, or None.
+        method: ``"auto"`` (measured choice), ``"taps"`` (one matmul over the k*k taps plus
+            shifted adds), ``"grouped"`` (grouped convolution, batch folded into channels) or
+            ``"einsum"`` (1x1 kernels only).
+
+    Returns:
+        ``(b n h w)`` masks (logits).
+    """
+    _check_dynamic_conv_inputs(features, weight, bias)
+    n, k = weight.shape[1], weight.shape[-1]
+    if method == "auto":
+        method = _choose_method(n, k, features.device.type)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of 'auto', {sorted(_METHODS)}, got {method!r}")
+    if method == "einsum" and k != 1:
+        raise ValueError(f"method 'einsum' needs 1x1 kernels, got kernel size {k}")
+    masks = _METHODS[method](features, weight)
+    if bias is not None:
+        masks = masks + bias[:, :, None, None].to(masks.dtype)
+    return masks
+
+
+def split_dynamic_params(
+    params: torch.Tensor, in_channels: int, kernel_size: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split flat per-query parameters into convolution kernels and biases.
+
+    The first ``c*k*k`` numbers of each query's vector are its kernel (channel-major, then
+    kernel rows, then columns); the last one is its bias.
+
+    Args:
+        params: ``(b n p)`` with ``p == in_channels * kernel_size**2 + 1``.
+        in_channels: ``c``.
+        kernel_size: ``k`` (odd).
+
+    Returns:
+        ``weight (b n c k k)`` and ``bias (b n)``.
+    """
+    check_rank("params", params, "b n p")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    expected = in_channels * kernel_size * kernel_size + 1
+    if params.shape[-1] != expected:
+        raise ValueError(
+            f"params must have shape (b n p) with p = in_channels * kernel_size**2 + 1 = "
+            f"{in_channels} * {kernel_size}**2 + 1 = {expected}, got shape {tuple(params.shape)}"
+        )
+    weight = rearrange(
+        params[..., :-1], "b n (c i j) -> b n c i j", c=in_channels, i=kernel_size, j=kernel_size
+    )
+    return weight, params[..., -1]
+
+
+def _check_scores(scores: torch.Tensor, batch_queries: Tuple[int, int]) -> None:
+    check_rank("scores", scores, "b n")
+    if tuple(scores.shape) != tuple(batch_queries):
+        raise ValueError(
+            f"scores must have shape (b n) = {tuple(batch_queries)}, got shape {tuple(scores.shape)}"
+        )
+
+
+def fuse_dynamic_kernels(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], scores: torch.Tensor
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Fold n score-weighted kernels into one kernel per sample.
+
+    ``dynamic_conv2d(x, *fuse_dynamic_kernels(w, b, s))`` equals
+    ``weighted_mask_sum(dynamic_conv2d(x, w, b), s)`` exactly in exact arithmetic, with n
+    times fewer multiply-adds, because convolution is linear in its kernel.
+
+    Args:
+        weight: ``(b n c k k)`` kernels.
+        bias: ``(b n)`` biases, or None.
+        scores: ``(b n)`` weights (softmax scores in the aligner).
+
+    Returns:
+        ``weight (b 1 c k k)`` and ``bias (b 1)`` (None when ``bias`` is None).
+    """
+    check_rank("weight", weight, "b n c k k")
+    _check_scores(scores, weight.shape[:2])
+    scores = scores.to(weight.dtype)
+    fused_weight = torch.einsum("bncij,bn->bcij", weight, scores).unsqueeze(1)
+    fused_bias = None
+    if bias is not None:
+        check_rank("bias", bias, "b n")
+        fused_bias = (bias * scores.to(bias.dtype)).sum(dim=1, keepdim=True)
+    return fused_weight, fused_bias
+
+
+def weighted_mask_sum(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Aggregate n masks by their scores (paper Eq. 14).
+
+    Args:
+        masks: ``(b n h w)`` per-query logits.
+        scores: ``(b n)`` weights.
+
+    Returns:
+        ``(b 1 h w)`` logits ``sum_i scores_i * masks_i``.
+    """
+    check_rank("masks", masks, "b n h w")
+    _check_scores(scores, masks.shape[:2])
+    return torch.einsum("bnhw,bn->bhw", masks, scores.to(masks.dtype)).unsqueeze(1)
+
+
+def coord_features(
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Normalised pixel coordinates, as CoordConv and CRIS append them.
+
+    Returns:
+        ``(b 2 h w)``: channel 0 is x and channel 1 is y, each running from -1 to 1.
+    """
+    ys = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+

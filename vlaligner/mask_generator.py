@@ -1,0 +1,96 @@
+"""The Multi-Mask Generator of EAVL (paper Eqs. 11-12): one dynamic kernel per query.
+
+Axis legend: b batch, n queries, c channels, d query width, h w space, k kernel size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._validation import check_dim, check_rank, check_same_batch
+from .functional import dynamic_conv2d, split_dynamic_params
+from .layers import NormLayer, UpProjection
+
+__all__ = ["MultiMaskGenerator"]
+
+
+class MultiMaskGenerator(nn.Module):
+    """Turn each query into a k x k kernel plus bias and convolve the features with it.
+
+    ``features`` first go through the optional up-projection of Eq. 11 (``num_upsamples``
+    rounds of 2x upsampling + 3x3 conv, then a 1x1 conv, as CRIS's Projector); a linear layer
+    then maps each query to ``c*k*k + 1`` numbers (kernel, then bias), applied to the
+    projected features with ``dynamic_conv2d``.
+
+    Args:
+        in_channels: channels of the incoming features.
+        query_dim: width d of the queries.
+        kernel_size: odd k (3 as CRIS; 1 works too).
+        num_upsamples: rounds of 2x upsampling in the up-projection (0: none, 2: the paper's
+            stride 16 -> 4).
+        mask_channels: channels c the kernels act on; defaults to ``in_channels`` halved
+            once per upsampling round.
+        norm_layer: normalisation used in the up-projection.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        query_dim: int,
+        kernel_size: int = 3,
+        num_upsamples: int = 0,
+        mask_channels: Optional[int] = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        self.in_channels = in_channels
+        self.query_dim = query_dim
+        self.kernel_size = kernel_size
+        self.projection = UpProjection(
+            in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
+            norm_layer=norm_layer,
+        )
+        self.mask_channels = self.projection.out_channels
+        self.param_proj = nn.Linear(query_dim, self.mask_channels * kernel_size**2 + 1)
+
+    def kernels(
+        self, features: torch.Tensor, queries: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project the features and make the per-query kernels, without convolving.
+
+        Args:
+            features: ``(b in_channels h w)``.
+            queries: ``(b n query_dim)``.
+
+        Returns:
+            ``projected (b c H' W')``, ``weight (b n c k k)``, ``bias (b n)``.
+        """
+        check_rank("features", features, "b c h w")
+        check_dim("features", features, "b c h w", 1, self.in_channels)
+        check_rank("queries", queries, "b n d")
+        check_dim("queries", queries, "b n d", 2, self.query_dim)
+        check_same_batch(features=features, queries=queries)
+        projected = self.projection(features)
+        weight, bias = split_dynamic_params(
+            self.param_proj(queries), self.mask_channels, self.kernel_size
+        )
+        return projected, weight, bias
+
+    def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Make one mask per query.
+
+        Args:
+            features: ``(b in_channels h w)``.
+            queries: ``(b n query_dim)``.
+
+        Returns:
+            ``(b n H' W')`` mask logits, ``H' = h * 2**num_upsamples``.
+        """
+        projected, weight, bias = self.kernels(features, queries)
+        return dynamic_conv2d(projected, weight, bias)
