@@ -46,7 +46,7 @@ class MultiQueryEstimator(nn.Module):
 
         Returns:
             ``(b n)`` scores, non-negative and summing to 1 over n (in the queries' dtype;
-            the softmax itself runs in float32).
+            the softmax itself runs in at least float32).
         """
         check_rank("queries", queries, "b n d")
         check_dim("queries", queries, "b n d", 2, self.query_dim)
@@ -54,4 +54,5 @@ class MultiQueryEstimator(nn.Module):
         attended, _ = self.attention(queries, queries, queries, need_weights=False)
         hidden = self.norm(queries + attended)
         logits = self.score(hidden).squeeze(-1)
-        return logits.float().softmax(dim=-1).to(logits.dtype)
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        return logits.to(compute_dtype).softmax(dim=-1).to(logits.dtype)

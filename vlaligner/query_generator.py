@@ -42,7 +42,9 @@ def masked_word_attention(scores: torch.Tensor, word_mask: torch.Tensor) -> torc
         vectors), never NaN.
     """
     mask = word_mask[:, None, :]
-    filled = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    # Softmax in at least float32: half precision loses the small weights.
+    compute_dtype = torch.promote_types(scores.dtype, torch.float32)
+    filled = scores.to(compute_dtype).masked_fill(~mask, torch.finfo(compute_dtype).min)
     weights = filled.softmax(dim=-1) * mask
     return weights.to(scores.dtype)
 

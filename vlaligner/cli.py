@@ -1,0 +1,432 @@
+"""The ``vlaligner`` command: one front door for segmenting, making the synthetic set,
+training and evaluating.
+
+Axes (of the arrays this file passes around): n queries, l words, H W image space.
+
+Sub-commands:
+    segment    mask the object a sentence refers to; write an overlay PNG (and a grid of
+               what each query saw with --queries)
+    synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic)
+    train      run examples/train_eavl.py (needs a repository checkout)
+    evaluate   run examples/evaluate.py (needs a repository checkout)
+    info       versions, devices, and a checkpoint's configuration
+    version    print the version
+
+A user's mistake (missing file, empty sentence, bad option) prints one line
+``vlaligner <command>: error: ...`` on stderr and exits with status 2, never a traceback;
+errors inside the model are real bugs and keep their traceback (set VLALIGNER_DEBUG=1 to
+see the traceback behind a one-line error too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser", "find_example_script", "UsageError", "EXAMPLES_ENV", "DEBUG_ENV"]
+
+#: Environment variable naming the folder that holds train_eavl.py / evaluate.py.
+EXAMPLES_ENV = "VLALIGNER_EXAMPLES"
+
+#: Set to 1 to see the traceback behind a one-line error.
+DEBUG_ENV = "VLALIGNER_DEBUG"
+
+_FORWARDED = {"train": "train_eavl.py", "evaluate": "evaluate.py"}
+
+_EPILOG = """examples:
+  vlaligner synth data/synth --images 64 --seed 0
+  vlaligner train --help
+  vlaligner segment --checkpoint runs/tiny/final --image photo.jpg \\
+      --text "the red square on the left" --out mask.png --queries
+  vlaligner info --checkpoint runs/tiny/final
+
+Run 'vlaligner <command> --help' for a command's options."""
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (not usage + message) and exits 2."""
+
+    def error(self, message: str) -> "None":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------------------
+# Locating the example scripts
+# --------------------------------------------------------------------------------------
+
+
+def _candidate_example_dirs() -> List[Path]:
+    dirs = []
+    if os.environ.get(EXAMPLES_ENV):
+        dirs.append(Path(os.environ[EXAMPLES_ENV]))
+    # An editable install or a source checkout: <repo>/vlaligner/cli.py -> <repo>/examples.
+    dirs.append(Path(__file__).resolve().parent.parent / "examples")
+    dirs.append(Path.cwd() / "examples")
+    return dirs
+
+
+def find_example_script(name: str) -> Path:
+    """The path of ``examples/<name>`` in a repository checkout.
+
+    Looked for in ``$VLALIGNER_EXAMPLES``, next to the package's source tree, then in
+    ``./examples``. The scripts are not part of the wheel.
+
+    Raises:
+        UsageError: not found; the message says where it looked and what to do.
+    """
+    tried = _candidate_example_dirs()
+    for directory in tried:
+        script = directory / name
+        if script.is_file():
+            return script
+    looked = ", ".join(str(d) for d in tried)
+    raise UsageError(
+        f"examples/{name} not found (looked in {looked}); the training and evaluation scripts "
+        f"ship with the repository, not the wheel: run from a checkout of vlaligner, or set "
+        f"{EXAMPLES_ENV}=/path/to/vlaligner/examples"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _forwarded_parser_kwargs(name: str) -> dict:
+    """help / description of a command that runs an example script."""
+    script = _FORWARDED[name]
+    what = "train a model" if name == "train" else "evaluate a checkpoint on a data split"
+    return dict(
+        help=f"{what} (runs examples/{script}; needs a repository checkout)",
+        description=(
+            f"{what.capitalize()}: every argument is passed to examples/{script}, so "
+            f"'vlaligner {name} --help' shows that script's options. The script is part of "
+            f"the repository, not the wheel; it is found in ${EXAMPLES_ENV}, next to the "
+            f"package source, or in ./examples."
+        ),
+        add_help=False,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``vlaligner`` parser (sub-commands included)."""
+    from vlaligner import __version__
+
+    parser = _Parser(
+        prog="vlaligner",
+        description=(
+            "EAVL referring image segmentation: segment the object a sentence describes, "
+            "and see what each of the model's queries looked at."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vlaligner {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment the object a sentence refers to and write an overlay PNG",
+        description=(
+            "Segment the object that --text describes in --image with a trained model, and "
+            "write the mask laid over the image (same size as the image). With --queries also "
+            "write a grid with one panel per query: the query's own binarised mask, its score "
+            "(its weight in the final mask) and the words it attended to most (paper Fig. 4)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    seg.add_argument("--checkpoint", required=True, metavar="DIR",
+                     help="directory written by EAVL.save_pretrained (model.safetensors + config.json)")
+    seg.add_argument("--image", required=True, metavar="IMG",
+                     help="image file (PNG, JPEG, ...); any size, greyscale and RGBA are converted")
+    seg.add_argument("--text", required=True, metavar="SENTENCE",
+                     help="the referring expression, e.g. \"the dog on the left\"")
+    seg.add_argument("--out", required=True, metavar="OUT.png",
+                     help="where to write the overlay (created with its parent folders)")
+    seg.add_argument("--queries", action="store_true",
+                     help="also write the per-query grid (to --queries-out)")
+    seg.add_argument("--queries-out", metavar="PATH", default=None,
+                     help="where to write the query grid (default: OUT_queries.png next to --out); "
+                          "implies --queries")
+    seg.add_argument("--mask-out", metavar="PATH", default=None,
+                     help="also write the binary mask as a black-and-white PNG")
+    seg.add_argument("--device", default="cpu", metavar="DEVICE",
+                     help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    seg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="compute precision; auto = float32 on CPU, bfloat16 (or float16) on GPU")
+    seg.add_argument("--threshold", type=_probability, default=0.5,
+                     help="probability above which a pixel belongs to the mask")
+    seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
+                     help="how many most-attended words to print per query")
+    seg.set_defaults(handler=_cmd_segment)
+
+    synth = sub.add_parser(
+        "synth",
+        help="write the synthetic RefCOCO-format data set (coloured shapes + sentences)",
+        description=(
+            "Write a small synthetic data set in the RefCOCO layout (refs(unc).p, "
+            "instances.json, images), for trying the pipeline without downloading COCO. "
+            "Pass OUT as the data root to training (dataset refcoco, split_by unc)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    synth.add_argument("out", metavar="OUT", help="output directory (the data root)")
+    synth.add_argument("--images", type=_positive_int, default=64, metavar="N",
+                       help="number of images to draw")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    synth.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
+                       help="side of the images in pixels (default: the generator's)")
+    synth.set_defaults(handler=_cmd_synth)
+
+    for name in _FORWARDED:
+        sub.add_parser(name, **_forwarded_parser_kwargs(name))
+
+    info = sub.add_parser(
+        "info",
+        help="show versions, available devices and (optionally) a checkpoint's configuration",
+        description="Print vlaligner / torch versions, available devices, and with --checkpoint "
+                    "the model configuration stored in its config.json.",
+    )
+    info.add_argument("--checkpoint", metavar="DIR", default=None,
+                      help="a directory written by EAVL.save_pretrained")
+    info.set_defaults(handler=_cmd_info)
+
+    version = sub.add_parser("version", help="print the version", description="Print the version.")
+    version.set_defaults(handler=_cmd_version)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def _default_queries_out(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_queries{out.suffix or '.png'}")
+
+
+def _check_out_path(path: Path, option: str) -> None:
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"{option} {str(path)!r}: cannot tell the image format; end it with .png")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory; give a file name such as out.png")
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from vlaligner.predictor import (
+        Predictor,
+        as_rgb_array,
+        check_checkpoint_dir,
+        check_sentences,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    out = Path(args.out)
+    want_queries = args.queries or args.queries_out is not None
+    queries_out = Path(args.queries_out) if args.queries_out else _default_queries_out(out)
+    # Every user mistake is found before the (slow) model load, and reported in one line.
+    try:
+        check_sentences(args.text)
+        _check_out_path(out, "--out")
+        if want_queries:
+            _check_out_path(queries_out, "--queries-out")
+        if args.mask_out:
+            _check_out_path(Path(args.mask_out), "--mask-out")
+        check_checkpoint_dir(args.checkpoint)
+        device = resolve_device(args.device)
+        resolve_dtype(args.dtype, device)
+        rgb = as_rgb_array(args.image)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+    try:
+        predictor = Predictor.from_pretrained(
+            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold
+        )
+    except (ValueError, KeyError, OSError) as err:
+        # A checkpoint with the right files but the wrong contents (edited config.json,
+        # truncated weights, another model's files).
+        raise UsageError(f"cannot load the checkpoint {args.checkpoint!r}: {err}") from None
+    try:
+        pred = predictor.predict(rgb, args.text, return_queries=want_queries)
+    except ValueError as err:
+        if want_queries and "per-query" in str(err):  # a fixed-kernel checkpoint
+            raise UsageError(f"--queries: {err}") from None
+        raise
+
+    from PIL import Image
+
+    from vlaligner.viz import save_overlay, save_query_grid
+
+    save_overlay(out, rgb, pred.mask)
+    h, w = pred.mask.shape
+    print(f"wrote {out} ({w}x{h}); mask covers {100.0 * pred.mask.mean():.1f}% of the image")
+    if args.mask_out:
+        mask_path = Path(args.mask_out)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pred.mask.astype("uint8") * 255).save(mask_path)
+        print(f"wrote {mask_path} (binary mask)")
+    if want_queries:
+        panels = save_query_grid(queries_out, rgb, pred, top_k=args.top_words)
+        print(f"wrote {queries_out} ({len(panels)} query panels, highest score first)")
+        for panel in panels:
+            score = "  n/a" if panel.score is None else f"{panel.score:.3f}"
+            print(f"  query {panel.index:>2}  score {score}  words: {', '.join(panel.words)}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from vlaligner.data import generate_synthetic_refcoco
+
+    kwargs = {"num_images": args.images, "seed": args.seed}
+    if args.image_size is not None:
+        kwargs["image_size"] = args.image_size
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT {str(out)!r} is a file; give a directory")
+    try:
+        root = generate_synthetic_refcoco(out, **kwargs)
+    except (ValueError, TypeError) as err:  # the generator checks its arguments
+        raise UsageError(str(err)) from None
+    print(f"wrote a synthetic data set of {args.images} images to {root} "
+          f"(use it as the data root with dataset refcoco, split_by unc)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+    import platform
+
+    import torch
+
+    from vlaligner import __version__
+
+    print(f"vlaligner {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    cuda = torch.cuda.is_available()
+    devices = ["cpu"]
+    if cuda:
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                    for i in range(torch.cuda.device_count())]
+    print(f"devices: {', '.join(devices)}")
+    if args.checkpoint:
+        from vlaligner.predictor import check_checkpoint_dir
+
+        try:
+            directory = check_checkpoint_dir(args.checkpoint)
+            config = json.loads((directory / "config.json").read_text())
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{args.checkpoint}/config.json is not valid JSON: {err}") from None
+        size = (directory / "model.safetensors").stat().st_size
+        print(f"checkpoint {directory} (model.safetensors {size / 2**20:.1f} MiB)")
+        print(json.dumps(config, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from vlaligner import __version__
+
+    print(__version__)
+    return 0
+
+
+def _forward_to_script(command: str, rest: Sequence[str]) -> int:
+    """Run examples/<script> with ``rest`` in this Python; return its exit status."""
+    script_name = _FORWARDED[command]
+    try:
+        script = find_example_script(script_name)
+    except UsageError:
+        if any(a in ("-h", "--help") for a in rest):
+            # Help must work even without a checkout: say what the command does and needs.
+            kwargs = _forwarded_parser_kwargs(command)
+            kwargs.pop("help")
+            _Parser(prog=f"vlaligner {command}", usage=f"vlaligner {command} [ARGS ...]",
+                    **kwargs).print_help()
+            print(f"\nexamples/{script_name} was not found; it ships with the repository, not the "
+                  f"wheel. Run from a checkout or set {EXAMPLES_ENV}.")
+            return 0
+        raise
+    # A child process, not runpy: the script owns its process (signals, DataLoader workers,
+    # torch.distributed) exactly as when it is run by hand.
+    return subprocess.call([sys.executable, str(script), *rest])
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def _run(argv: List[str]) -> int:
+    if argv and argv[0] in _FORWARDED:
+        # Everything after the command belongs to the script, --help included.
+        return _forward_to_script(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``vlaligner`` command; returns the exit status (0 ok, 2 a user mistake)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"vlaligner {command}" if command else "vlaligner"
+    try:
+        return _run(argv)
+    except SystemExit as stop:  # argparse: --help / --version (0) or a bad option (2)
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except UsageError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        # A missing extra is the user's installation, not a bug: say which one to install.
+        print(f"{prog}: error: {err} (install the extras: pip install 'vlaligner[all]')",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Referring segmentation data: RefCOCO / RefCOCO+ / G-Ref from disk, transforms, a synthetic set.
+
+Axis legend: b batch, c channels, h w space (model input), H W space (original image),
+l words.
+
+Needs the ``[data]`` extra (pillow; pycocotools for decoding polygons, imported where used).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .collate import collate_ref_batch
+from .refer import (
+    DATASET_SPLITS,
+    DEFAULT_MAX_LENGTH,
+    RefDataset,
+    RefSample,
+    UnsafePickleError,
+    decode_segmentation,
+    load_refs,
+)
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    hflip_sample,
+    load_image,
+    preprocess_image,
+    resize_mask,
+    swap_left_right,
+)
+
+__all__ = [
+    "RefDataset",
+    "RefSample",
+    "DATASET_SPLITS",
+    "DEFAULT_MAX_LENGTH",
+    "UnsafePickleError",
+    "load_refs",
+    "decode_segmentation",
+    "collate_ref_batch",
+    "generate_synthetic_refcoco",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_image",
+    "preprocess_image",
+    "resize_mask",
+    "swap_left_right",
+    "hflip_sample",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so that ``python -m vlaligner.data.synthetic`` does not find the module
+    # already in sys.modules (runpy warns about that) when the package is imported first.
+    if name == "generate_synthetic_refcoco":
+        from .synthetic import generate_synthetic_refcoco
+
+        return generate_synthetic_refcoco
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,470 @@
+"""RefCOCO, RefCOCO+ and G-Ref read from the layout of the public ``refer`` toolkit.
+
+Axis legend: c channels (3), h w space at the model's input size (S x S by default),
+H W space of the original image, l words (tokens).
+
+Expected layout under ``root`` (only these exact names are ever opened)::
+
+    root/refcoco/refs(unc).p          root/refcoco/instances.json
+    root/refcoco+/refs(unc).p         root/refcoco+/instances.json
+    root/refcocog/refs(umd).p         root/refcocog/refs(google).p   root/refcocog/instances.json
+    root/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg ...
+
+The refs files are Python pickles (the published format). Unpickling arbitrary data can run
+code, so they are read with a restricted unpickler that only builds lists, dicts, strings and
+numbers and refuses anything else with a clear error.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import hflip_sample, load_image, preprocess_image, resize_mask
+
+__all__ = [
+    "RefDataset",
+    "RefSample",
+    "DATASET_SPLITS",
+    "DEFAULT_MAX_LENGTH",
+    "IMAGE_SUBDIR",
+    "UnsafePickleError",
+    "load_refs",
+    "decode_segmentation",
+]
+
+# Splits as published: RefCOCO / RefCOCO+ (UNC): testA = people, testB = other objects.
+DATASET_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "refcoco": {"unc": ("train", "val", "testA", "testB")},
+    "refcoco+": {"unc": ("train", "val", "testA", "testB")},
+    "refcocog": {"umd": ("train", "val", "test"), "google": ("train", "val")},
+}
+# Paper (and LAVT / CRIS practice): 17 tokens for RefCOCO / RefCOCO+, 22 for G-Ref.
+DEFAULT_MAX_LENGTH: dict[str, int] = {"refcoco": 17, "refcoco+": 17, "refcocog": 22}
+IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
+
+Tokenizer = Callable[[list, int], tuple]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class RefSample(NamedTuple):
+    """One sample of the data set: one sentence of one ref."""
+
+    ref_id: int
+    sent_id: int
+    sentence: str
+
+
+class UnsafePickleError(ValueError):
+    """A refs pickle asked for something other than plain lists, dicts, strings and numbers."""
+
+
+class _RefsUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild the plain containers a refer refs file consists of.
+
+    Lists, dicts, tuples, strings and numbers have their own pickle opcodes and never go
+    through ``find_class``; every callable a malicious pickle needs to run code does. Sets
+    and OrderedDicts are harmless and allowed in case a re-saved file contains them.
+    """
+
+    _ALLOWED = {
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("__builtin__", "set"),
+        ("__builtin__", "frozenset"),
+        ("collections", "OrderedDict"),
+    }
+
+    def __init__(self, file: io.BufferedIOBase, *, path: Path, encoding: str) -> None:
+        super().__init__(file, encoding=encoding)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"refusing to load {self._path}: the pickle asks for the global '{module}.{name}', "
+            "but a refer refs file holds only lists, dicts, strings and numbers. Pickles can "
+            "run code when loaded; use refs files only from the official refer release."
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(
+            f"refusing to load {self._path}: it uses pickle persistent ids, which a refer "
+            "refs file never does"
+        )
+
+
+def load_refs(path: PathLike) -> list[dict]:
+    """Read a ``refs(<split_by>).p`` file with the restricted unpickler and check its structure.
+
+    Returns:
+        the list of ref dicts (keys ``ref_id``, ``ann_id``, ``image_id``, ``split``,
+        ``sentences`` [each with ``sent_id`` and ``raw`` / ``sent``], ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafePickleError (a ValueError): the pickle references any global (possible code).
+        ValueError: the file is not a readable pickle or not a list of ref dicts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"refs file not found: {path}")
+    data = path.read_bytes()
+    refs: Any = None
+    # The official files were written by Python 2; their str objects are ASCII, so utf-8
+    # reads them; latin-1 is the fallback that can decode any byte string.
+    for encoding in ("utf-8", "latin1"):
+        try:
+            refs = _RefsUnpickler(io.BytesIO(data), path=path, encoding=encoding).load()
+            break
+        except UnsafePickleError:
+            raise
+        except UnicodeDecodeError:
+            continue
+        except Exception as err:  # noqa: BLE001 - any decoding failure means a broken file
+            raise ValueError(f"cannot read refs file {path} as a pickle: {err!r}") from err
+    if not isinstance(refs, list):
+        raise ValueError(
+            f"refs file {path} must hold a list of ref dicts, got {type(refs).__name__}"
+        )
+    required = ("ref_id", "ann_id", "image_id", "split", "sentences")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict) or any(k not in ref for k in required):
+            keys = sorted(ref) if isinstance(ref, dict) else type(ref).__name__
+            raise ValueError(
+                f"refs file {path}: entry {i} must be a dict with keys {list(required)}, got {keys}"
+            )
+        for sent in ref["sentences"]:
+            if not isinstance(sent, dict) or "sent_id" not in sent or not (
+                "raw" in sent or "sent" in sent
+            ):
+                raise ValueError(
+                    f"refs file {path}: ref {ref['ref_id']} has a sentence without "
+                    f"'sent_id' and 'raw'/'sent': {sent!r}"
+                )
+    return refs
+
+
+def _mask_utils() -> Any:
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "decoding COCO polygons needs pycocotools: pip install 'vlaligner[data]'"
+        ) from err
+    return mask_utils
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation to a boolean mask exactly as the ``refer`` API does.
+
+    Polygons go through ``pycocotools.mask.frPyObjects``; the parts of a multi-polygon
+    annotation are *summed* (refer's ``getMask``) and every pixel covered by any part is
+    foreground, i.e. the union. (LAVT then keeps only ``== 1``, which drops pixels where two
+    parts overlap; we do not copy that slip.)
+
+    Args:
+        segmentation: list of polygons ``[[x0, y0, x1, y1, ...], ...]``, or an RLE dict
+            (compressed string or uncompressed list ``counts``).
+        height, width: the image size.
+
+    Returns:
+        ``(H W)`` bool array.
+    """
+    mask_utils = _mask_utils()
+    if isinstance(segmentation, list):
+        if len(segmentation) == 0:
+            return np.zeros((height, width), dtype=bool)
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        if isinstance(segmentation["counts"], list):
+            rles = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rles = segmentation
+    else:
+        raise ValueError(
+            "segmentation must be a list of polygons or an RLE dict with 'counts', got "
+            f"{type(segmentation).__name__}"
+        )
+    m = mask_utils.decode(rles)
+    if m.ndim == 3:
+        m = m.sum(axis=2)
+    if m.shape != (height, width):
+        raise ValueError(
+            f"decoded mask has shape {m.shape}, expected (height, width) = ({height}, {width})"
+        )
+    return m > 0
+
+
+def _safe_file_name(name: Any) -> bool:
+    """True for a plain file name (no folders, no '..'): we only open files inside root."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and os.path.basename(name) == name
+    )
+
+
+class RefDataset(Dataset):
+    """One sample per sentence of RefCOCO / RefCOCO+ / G-Ref, read from the ``refer`` layout.
+
+    Images are resized to ``img_size x img_size`` with a plain bilinear resize (the aspect
+    ratio is NOT kept; LAVT's convention) and normalised with the ImageNet mean / std. The
+    target mask is decoded from the COCO polygons with pycocotools (union of the parts) and
+    resized to the input size with nearest neighbour; the original-size mask and size are
+    returned too, for evaluation at the original resolution.
+
+    Args:
+        root: folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/`` and
+            ``images/mscoco/images/train2014/`` (see docs/data.md).
+        dataset: "refcoco", "refcoco+" or "refcocog".
+        split_by: "unc" (RefCOCO, RefCOCO+), "umd" or "google" (G-Ref).
+        split: unc: train / val / testA / testB; umd: train / val / test; google: train / val.
+        tokenizer: callable ``(list[str], max_length) -> (input_ids (b l), attention_mask
+            (b l))`` such as ``EAVL.tokenize``; with None the samples carry no token ids.
+        img_size: side of the square model input.
+        max_length: tokens per sentence; default 17 (RefCOCO / RefCOCO+) or 22 (G-Ref).
+        augment: random horizontal flip (p = 0.5) that also swaps "left" / "right" in the
+            sentence; off by default (use it for training only).
+
+    Each item is a dict:
+        ``image (3 h w)`` float32 normalised; ``input_ids (l)`` long; ``attention_mask (l)``
+        long (1 = real token); ``mask (h w)`` float32 0/1; ``orig_mask (H W)`` bool;
+        ``orig_size (2)`` long ``(H, W)``; ``sentence`` str; ``ref_id``, ``ann_id``,
+        ``sent_id``, ``image_id`` int; ``file_name`` str.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        dataset: str,
+        split_by: str,
+        split: str,
+        *,
+        tokenizer: Optional[Tokenizer] = None,
+        img_size: int = 480,
+        max_length: Optional[int] = None,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASET_SPLITS:
+            raise ValueError(
+                f"unknown dataset {dataset!r}; expected one of {list(DATASET_SPLITS)}"
+            )
+        if split_by not in DATASET_SPLITS[dataset]:
+            raise ValueError(
+                f"unknown split_by {split_by!r} for {dataset}; expected one of "
+                f"{list(DATASET_SPLITS[dataset])}"
+            )
+        expected_splits = DATASET_SPLITS[dataset][split_by]
+        if split not in expected_splits:
+            raise ValueError(
+                f"unknown split {split!r} for {dataset} ({split_by}); expected one of "
+                f"{list(expected_splits)}"
+            )
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+            raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+        if max_length is None:
+            max_length = DEFAULT_MAX_LENGTH[dataset]
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(
+                "tokenizer must be a callable (list[str], max_length) -> (input_ids, "
+                f"attention_mask), got {type(tokenizer).__name__}"
+            )
+        if not isinstance(augment, bool):
+            raise TypeError(f"augment must be a bool, got {type(augment).__name__}")
+
+        self.root = Path(root)
+        self.dataset = dataset
+        self.split_by = split_by
+        self.split = split
+        self.tokenizer = tokenizer
+        self.img_size = img_size
+        self.max_length = max_length
+        self.augment = augment
+
+        layout = (
+            "expected refcoco/, refcoco+/, refcocog/ (each with refs(<split_by>).p and "
+            "instances.json) and images/mscoco/images/train2014/; see docs/data.md"
+        )
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root not found: {self.root} ({layout})")
+        self.data_dir = self.root / dataset
+        if not self.data_dir.is_dir():
+            present = sorted(d for d in DATASET_SPLITS if (self.root / d).is_dir())
+            raise FileNotFoundError(
+                f"data set folder not found: {self.data_dir}; folders present in {self.root}: "
+                f"{present or 'none'} ({layout})"
+            )
+        self.refs_file = self.data_dir / f"refs({split_by}).p"
+        if not self.refs_file.is_file():
+            present = sorted(
+                f"refs({s}).p" for s in DATASET_SPLITS[dataset] if (self.data_dir / f"refs({s}).p").is_file()
+            )
+            raise FileNotFoundError(
+                f"refs file not found: {self.refs_file}; expected "
+                f"{[f'refs({s}).p' for s in DATASET_SPLITS[dataset]]} in {self.data_dir}, "
+                f"found {present or 'none'}"
+            )
+        self.instances_file = self.data_dir / "instances.json"
+        if not self.instances_file.is_file():
+            raise FileNotFoundError(
+                f"annotation file not found: {self.instances_file} (the COCO instances of "
+                f"{dataset}, shipped with its refs files)"
+            )
+        self.image_dir = self.root / IMAGE_SUBDIR
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(
+                f"image folder not found: {self.image_dir} (expected the COCO train2014 "
+                "images, e.g. COCO_train2014_000000000009.jpg)"
+            )
+
+        all_refs = load_refs(self.refs_file)
+        refs = [r for r in all_refs if r["split"] == split]
+        if not refs:
+            counts: dict[str, int] = {}
+            for r in all_refs:
+                counts[str(r["split"])] = counts.get(str(r["split"]), 0) + 1
+            raise ValueError(
+                f"split {split!r} of {dataset} ({split_by}) is empty: {self.refs_file} has no "
+                f"refs with split {split!r}; refs per split in the file: {counts or 'none'}"
+            )
+
+        with open(self.instances_file, "r", encoding="utf-8") as f:
+            try:
+                instances = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"cannot parse {self.instances_file}: {err}") from err
+        if not isinstance(instances, dict) or not {"images", "annotations"} <= set(instances):
+            raise ValueError(
+                f"{self.instances_file} must be a COCO instances dict with 'images' and "
+                "'annotations'"
+            )
+        need_anns = {int(r["ann_id"]) for r in refs}
+        need_imgs = {int(r["image_id"]) for r in refs}
+        # Keep only what this split uses: the full G-Ref instances are large and every
+        # DataLoader worker holds a copy.
+        self.anns: dict[int, dict] = {
+            int(a["id"]): a for a in instances["annotations"] if int(a["id"]) in need_anns
+        }
+        self.images: dict[int, dict] = {
+            int(im["id"]): im for im in instances["images"] if int(im["id"]) in need_imgs
+        }
+        del instances
+        missing_anns = sorted(need_anns - set(self.anns))
+        missing_imgs = sorted(need_imgs - set(self.images))
+        if missing_anns or missing_imgs:
+            raise ValueError(
+                f"{self.instances_file} does not match {self.refs_file}: missing annotation "
+                f"ids {missing_anns[:5]}{'...' if len(missing_anns) > 5 else ''}, missing "
+                f"image ids {missing_imgs[:5]}{'...' if len(missing_imgs) > 5 else ''}"
+            )
+        for im in self.images.values():
+            if not _safe_file_name(im.get("file_name")):
+                raise ValueError(
+                    f"{self.instances_file}: image {im.get('id')} has file_name "
+                    f"{im.get('file_name')!r}; only plain file names inside {self.image_dir} "
+                    "are opened"
+                )
+
+        self.refs: dict[int, dict] = {int(r["ref_id"]): r for r in refs}
+        self.samples: list[RefSample] = []
+        for r in refs:
+            for s in r["sentences"]:
+                text = s.get("raw", s.get("sent"))
+                if not isinstance(text, str) or not text.strip():
+                    text = s.get("sent", "")
+                # LAVT tokenises the raw sentence; the tokenizer lower-cases as it needs.
+                self.samples.append(RefSample(int(r["ref_id"]), int(s["sent_id"]), text.strip()))
+        if not self.samples:
+            raise ValueError(
+                f"split {split!r} of {dataset} ({split_by}) has {len(refs)} refs but no sentences"
+            )
+
+    # ------------------------------------------------------------------ inspection
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dataset={self.dataset!r}, split_by={self.split_by!r}, "
+            f"split={self.split!r}, sentences={len(self.samples)}, refs={len(self.refs)}, "
+            f"images={len(self.images)}, img_size={self.img_size}, max_length={self.max_length}, "
+            f"augment={self.augment}, root={str(self.root)!r})"
+        )
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image of sample ``index``."""
+        ref = self.refs[self.samples[index].ref_id]
+        return self.image_dir / self.images[int(ref["image_id"])]["file_name"]
+
+    def ref_mask(self, ref_id: int) -> np.ndarray:
+        """``(H W)`` bool mask of a ref at the original image size (union of its polygons)."""
+        ref = self.refs[int(ref_id)]
+        ann = self.anns[int(ref["ann_id"])]
+        img = self.images[int(ref["image_id"])]
+        return decode_segmentation(ann["segmentation"], int(img["height"]), int(img["width"]))
+
+    # ------------------------------------------------------------------ samples
+    def _tokenize(self, sentence: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tokenizer([sentence], self.max_length)  # type: ignore[misc]
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(
+                "tokenizer must return (input_ids (b l), attention_mask (b l)), got "
+                f"{type(out).__name__}"
+            )
+        ids, att = (torch.as_tensor(t) for t in out)
+        if ids.ndim != 2 or ids.shape[0] != 1 or att.shape != ids.shape:
+            raise ValueError(
+                "tokenizer must return input_ids and attention_mask of shape (1 l) for one "
+                f"sentence, got {tuple(ids.shape)} and {tuple(att.shape)}"
+            )
+        return ids[0].to(torch.long), att[0].to(torch.long)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref_id, sent_id, sentence = self.samples[index]
+        ref = self.refs[ref_id]
+        info = self.images[int(ref["image_id"])]
+        path = self.image_dir / info["file_name"]
+        image = load_image(path)
+        height, width = int(info["height"]), int(info["width"])
+        if image.size != (width, height):
+            raise ValueError(
+                f"image {path} is {image.size[0]}x{image.size[1]} (w x h) but "
+                f"{self.instances_file.name} says {width}x{height}; the annotations would not "
+                "line up"
+            )
+        orig = torch.from_numpy(self.ref_mask(ref_id))
+        img_t = preprocess_image(image, self.img_size)
+        mask_t = resize_mask(orig, self.img_size)
+        if self.augment and bool(torch.rand(()) < 0.5):
+            # Flip everything together: the sentence's left becomes right.
+            img_t, mask_t, sentence = hflip_sample(img_t, mask_t, sentence)
+            orig = orig.flip(-1)
+        sample: dict[str, Any] = {"image": img_t}
+        if self.tokenizer is not None:
+            sample["input_ids"], sample["attention_mask"] = self._tokenize(sentence)
+        sample.update(
+            mask=mask_t.to(torch.float32),
+            orig_mask=orig,
+            orig_size=torch.tensor([height, width], dtype=torch.long),
+            sentence=sentence,
+            ref_id=int(ref_id),
+            ann_id=int(ref["ann_id"]),
+            sent_id=int(sent_id),
+            image_id=int(ref["image_id"]),
+            file_name=str(info["file_name"]),
+        )
+        return sample

@@ -1,0 +1,208 @@
+"""Image and mask preprocessing shared by the data sets, the predictor and the synthetic set.
+
+Axis legend: b batch, c channels (3 for RGB), h w space (input size), H W space (original
+image size), l words.
+
+Conventions (LAVT's, the host the paper's evaluation follows):
+- images are resized to the model's input size with a *plain* resize: the aspect ratio is
+  NOT kept (a 640 x 427 photo becomes 480 x 480), bilinear, then scaled to [0, 1] and
+  normalised with the ImageNet mean and standard deviation;
+- masks are resized with nearest neighbour (pixel centres, as PIL's ``NEAREST``);
+- a left-right flip is only ever applied together with swapping the words "left" and
+  "right" in the sentence, otherwise the augmented sample would teach the wrong answer.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_image",
+    "preprocess_image",
+    "resize_mask",
+    "swap_left_right",
+    "hflip_sample",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ImageLike = Union[Image.Image, np.ndarray]
+Size = Union[int, tuple[int, int]]
+
+
+def _as_hw(size: Size, *, name: str = "size") -> tuple[int, int]:
+    """(h, w) from an int (square) or a pair; rejects non-positive sizes."""
+    if isinstance(size, bool):
+        raise TypeError(f"{name} must be an int or a (h, w) pair of ints, got {size!r}")
+    if isinstance(size, (int, np.integer)):
+        hw = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    ):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a (h, w) pair of ints, got {size!r}")
+    if hw[0] <= 0 or hw[1] <= 0:
+        raise ValueError(f"{name} must be positive, got {size!r}")
+    return hw
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Read an image file as an RGB PIL image (greyscale, palette, RGBA, CMYK converted).
+
+    The EXIF orientation is deliberately ignored: COCO's polygons are given in the stored
+    pixel grid, so rotating the pixels would misalign every annotation.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names the path).
+        ValueError: the file exists but cannot be decoded (corrupt, truncated, not an image);
+            the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            # load() forces the full decode so that truncated files fail here, naming the file,
+            # instead of later inside a worker with a bare PIL message.
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # Dropping alpha keeps the colour channels as they are stored.
+                return img.convert("RGBA").convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"corrupt or unreadable image file {path}: {err}") from err
+
+
+def _to_rgb_pil(image: ImageLike) -> Image.Image:
+    """RGB PIL image from a PIL image or a uint8 array (H W 3), (H W) or (H W 4)."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(
+                f"image array must be uint8 (values 0-255), got dtype {image.dtype}; "
+                "convert with (x * 255).round().astype(np.uint8) if it holds [0, 1] floats"
+            )
+        if image.ndim == 2:
+            return Image.fromarray(image).convert("RGB")
+        if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+            if image.shape[2] == 1:
+                return Image.fromarray(np.ascontiguousarray(image[:, :, 0])).convert("RGB")
+            if image.shape[2] == 4:
+                return Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
+            return Image.fromarray(np.ascontiguousarray(image))
+        raise ValueError(
+            f"image array must have shape (H W 3), (H W 4) or (H W), got {tuple(image.shape)}"
+        )
+    raise TypeError(
+        f"image must be a PIL.Image.Image or a numpy uint8 array, got {type(image).__name__}"
+    )
+
+
+def preprocess_image(image: ImageLike, size: Size) -> torch.Tensor:
+    """Resize an image to the model's input size and normalise it with the ImageNet statistics.
+
+    Plain (bilinear) resize to exactly ``size``: the aspect ratio is NOT kept, as in LAVT.
+
+    Args:
+        image: PIL image (any mode) or numpy uint8 array ``(H W 3)``, ``(H W 4)`` (alpha
+            dropped) or ``(H W)`` (greyscale).
+        size: ``int`` for a square ``(size, size)`` output, or ``(h, w)``.
+
+    Returns:
+        ``(3 h w)`` float32 tensor, ``(x / 255 - mean) / std``.
+    """
+    h, w = _as_hw(size)
+    pil = _to_rgb_pil(image)
+    if pil.size != (w, h):
+        pil = pil.resize((w, h), resample=Image.BILINEAR)
+    arr = np.asarray(pil, dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def resize_mask(mask: Union[np.ndarray, torch.Tensor, Image.Image], size: Size) -> torch.Tensor:
+    """Resize a binary mask with nearest neighbour (pixel centres, same result as PIL NEAREST).
+
+    Args:
+        mask: ``(H W)`` bool / integer / float array or tensor (non-zero = foreground), or a
+            PIL image of mode "1" or "L".
+        size: ``int`` (square) or ``(h, w)``.
+
+    Returns:
+        ``(h w)`` bool tensor on the input tensor's device (CPU for numpy / PIL input).
+    """
+    h, w = _as_hw(size)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"mask must be a numpy array, torch tensor or PIL image, got {type(mask).__name__}"
+        )
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (H W), got {tuple(mask.shape)}")
+    fg = mask != 0
+    if tuple(fg.shape) == (h, w):
+        return fg.clone()
+    # "nearest-exact" samples at pixel centres, floor((i + 0.5) * in / out): the PIL rule.
+    out = F.interpolate(fg[None, None].to(torch.float32), size=(h, w), mode="nearest-exact")
+    return out[0, 0] > 0.5
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)", flags=re.IGNORECASE)
+
+
+def swap_left_right(sentence: str) -> str:
+    """Swap "left" and "right" (also inside "leftmost", "right-hand", ...), keeping case.
+
+    Used with every horizontal flip: the flipped image's left is the original right.
+    Words that merely contain the letters ("bright", "upright") are left alone.
+    """
+
+    def _swap(match: re.Match) -> str:
+        word = match.group(0)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return new.upper()
+        if word[0].isupper():
+            return new.capitalize()
+        return new
+
+    return _LEFT_RIGHT.sub(_swap, sentence)
+
+
+def hflip_sample(
+    image: torch.Tensor, mask: torch.Tensor, sentence: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Flip an image and its mask left-right and swap "left"/"right" in the sentence.
+
+    Args:
+        image: ``(c h w)`` tensor.
+        mask: ``(h w)`` tensor (or ``(H W)``: any 2-D mask, flipped on its last axis).
+        sentence: the referring expression.
+
+    Returns:
+        ``(image (c h w), mask, sentence)`` flipped together.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"image must have shape (c h w), got {tuple(image.shape)}")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (h w), got {tuple(mask.shape)}")
+    return image.flip(-1), mask.flip(-1), swap_left_right(sentence)

@@ -1,0 +1,339 @@
+"""Builders for EAVL with their numbers written out: the paper's Swin-B + BERT-base and a tiny CPU model.
+
+Axis legend: b batch, n queries, l words, c channels, d width, h w space, k kernel size.
+
+Each builder takes the paper's ablation switches (tables II-V) as keyword arguments:
+``num_queries`` (N), ``head="aligner" | "fixed"`` (table III), ``use_estimator`` (1/N weights
+when False), ``use_global_vision`` (``F_g`` in Eq. 8), ``use_global_text`` (``F_s`` in Eq. 2)
+and ``kernel_size`` (k of the query kernels, or of the fixed kernel). The keyword arguments a
+builder received are recorded in ``model.config`` so that ``EAVL.from_pretrained`` can call it
+again; ``tokenizer`` and ``text_config`` are not recorded (a checkpoint carries them as files).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+from torch import nn
+
+from ..aligner import FixedKernelHead, VisionLanguageAligner
+from ..neck import FusionNeck
+from ..query_generator import MultiQueryGenerator
+from .decoder import TransformerDecoder
+from .eavl import INPUT_MULTIPLE, EAVL
+from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone
+from .text_encoder import TextEncoder
+from .tokenizer import load_tiny_tokenizer, load_tokenizer
+
+__all__ = ["build_eavl_swin_b", "build_eavl_tiny", "BUILDERS"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: bert-base-uncased's architecture (= transformers' ``BertConfig()`` defaults), written out so
+#: that ``build_eavl_swin_b(pretrained=False)`` builds BERT-base without any download.
+BERT_BASE_CONFIG: Dict[str, Any] = dict(
+    model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+    num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+    type_vocab_size=2,
+)
+#: The tiny model's BERT: 2 layers of width 128 over the embedded vocabulary (~440 tokens).
+TINY_BERT_CONFIG: Dict[str, Any] = dict(
+    model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=256, max_position_embeddings=64, type_vocab_size=2,
+)
+#: The tiny model's backbone: timm ResNet-18 cut to one block per stage at a quarter width.
+TINY_BACKBONE = "resnet18"
+TINY_BACKBONE_KWARGS: Dict[str, Any] = dict(layers=[1, 1, 1, 1], channels=[32, 64, 128, 256], stem_width=32)
+
+
+# ---------------------------------------------------------------------- text side
+def _language_model_from_config(config: Union[PathLike, Dict[str, Any]]) -> nn.Module:
+    """Random-init ``transformers`` model from a config folder or dict (never downloads)."""
+    from transformers import AutoConfig, AutoModel
+
+    if isinstance(config, dict):
+        config = dict(config)
+        model_type = config.pop("model_type", "bert")
+        cfg = AutoConfig.for_model(model_type, **config)
+    else:
+        path = Path(config)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"text_config folder {str(path)!r} has no config.json")
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return AutoModel.from_config(cfg)
+
+
+def _language_model(
+    text_model: Optional[str],
+    *,
+    pretrained: bool,
+    text_config: Optional[Union[PathLike, Dict[str, Any]]],
+    default_config: Dict[str, Any],
+) -> nn.Module:
+    """Pick how to make the language model; see the builders' ``text_model`` argument."""
+    from transformers import AutoModel
+
+    if text_config is not None:  # a checkpoint being reloaded: architecture only
+        return _language_model_from_config(text_config)
+    if text_model is not None and Path(text_model).is_dir():  # local weights: no download
+        return AutoModel.from_pretrained(str(text_model), local_files_only=True)
+    if text_model is not None and pretrained:
+        return AutoModel.from_pretrained(text_model)
+    return _language_model_from_config(default_config)
+
+
+def _tokenizer(
+    tokenizer: Any, text_model: Optional[str], *, pretrained: bool, warn_fallback: bool
+) -> Any:
+    """Pick the tokenizer: given > next to a local text model > hub (pretrained) > HF cache > embedded."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    if text_model is None:
+        return load_tiny_tokenizer()
+    if Path(text_model).is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(text_model), local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            pass
+    elif pretrained:
+        return AutoTokenizer.from_pretrained(text_model)
+    else:
+        try:
+            return AutoTokenizer.from_pretrained(text_model, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            pass
+    if warn_fallback:
+        warnings.warn(
+            f"no tokenizer for {text_model!r} is available offline: using vlaligner's embedded "
+            "WordPiece vocabulary instead (pass tokenizer=PATH, or pretrained=True, to use the real one)",
+            stacklevel=3,
+        )
+    return load_tiny_tokenizer()
+
+
+# ---------------------------------------------------------------------- assembly
+def _assemble(
+    *,
+    builder: str,
+    recorded: Dict[str, Any],
+    backbone: nn.Module,
+    language_model: nn.Module,
+    tokenizer: Any,
+    img_size: int,
+    dim: int,
+    num_queries: int,
+    head: str,
+    use_estimator: bool,
+    use_global_vision: bool,
+    use_global_text: bool,
+    kernel_size: int,
+    pool_heads: int,
+    decoder_layers: int,
+    decoder_heads: int,
+    ffn_dim: int,
+    dropout: float,
+    aligner_heads: int,
+    max_length: int,
+) -> EAVL:
+    if head not in ("aligner", "fixed"):
+        raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
+    if img_size % INPUT_MULTIPLE:
+        raise ValueError(f"img_size must be a multiple of {INPUT_MULTIPLE}, got {img_size}")
+    vocab = getattr(language_model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the language model's embedding only {vocab}"
+        )
+    c2, c3, c4 = (int(c) for c in backbone.feature_info.channels())
+    grid = (img_size // 16, img_size // 16)
+    image_encoder = ImageEncoder(
+        backbone=backbone,
+        pool=AttentionPool2d(channels=c4, num_heads=pool_heads, grid_size=(img_size // 32, img_size // 32)),
+    )
+    text_encoder = TextEncoder(
+        language_model=language_model, dim=dim, sentence_dim=dim if use_global_text else None
+    )
+    neck = FusionNeck(in_channels=(c2, c3, c4), dim=dim, sentence_dim=dim if use_global_text else None)
+    generator = MultiQueryGenerator(
+        vision_channels=(c2, c3, c4), text_dim=dim, dim=dim, num_queries=num_queries,
+        global_vision_dim=c4 if use_global_vision else None, grid_size=grid,
+    )
+    decoder = TransformerDecoder(
+        dim=dim, num_layers=decoder_layers, num_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout
+    )
+    if head == "aligner":
+        head_module: nn.Module = VisionLanguageAligner(
+            in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
+            use_estimator=use_estimator, num_upsamples=2,
+        )
+    else:
+        head_module = FixedKernelHead(in_channels=dim, kernel_size=kernel_size, num_upsamples=2)
+    return EAVL(
+        image_encoder=image_encoder, text_encoder=text_encoder, neck=neck, query_generator=generator,
+        decoder=decoder, head=head_module, tokenizer=tokenizer, img_size=img_size,
+        max_length=max_length, config={"builder": builder, "kwargs": recorded},
+    )
+
+
+def _record(**kwargs: Any) -> Dict[str, Any]:
+    """The JSON-safe builder arguments (tuples become lists; paths become strings)."""
+    out: Dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, dict):
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------- builders
+def build_eavl_swin_b(
+    *,
+    pretrained: bool = False,
+    img_size: int = 480,
+    num_queries: int = 24,
+    head: str = "aligner",
+    use_estimator: bool = True,
+    use_global_vision: bool = True,
+    use_global_text: bool = True,
+    kernel_size: int = 3,
+    dim: int = 512,
+    backbone: str = "swin_base_patch4_window12_384",
+    backbone_kwargs: Optional[Dict[str, Any]] = None,
+    text_model: str = "bert-base-uncased",
+    max_length: int = 17,
+    tokenizer: Any = None,
+    text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
+) -> EAVL:
+    """EAVL as in the paper: Swin-B (480 x 480) + BERT-base, N = 24, width 512.
+
+    Numbers: backbone stages 2-4 with 256/512/1024 channels; attention pooling with 16 heads
+    (CLIP's c/64); neck, generator and decoder width 512; 3 decoder layers, 8 heads, FFN 2048,
+    dropout 0.1; aligner with 8 estimator heads, k = 3, two 2x up-projections to stride 4.
+
+    Args:
+        pretrained: load ImageNet Swin-B through timm and ``text_model`` through
+            ``transformers.AutoModel.from_pretrained`` (downloads unless cached). False: random
+            initialisation, nothing is downloaded (BERT-base built from :data:`BERT_BASE_CONFIG`).
+        img_size: training side (multiple of 32); inputs of other sizes (multiples of 32) work.
+        num_queries, head, use_estimator, use_global_vision, use_global_text, kernel_size: the
+            ablation switches (module docstring).
+        dim: model width D.
+        backbone: timm model name; ``backbone_kwargs`` go to ``timm.create_model``.
+        text_model: hub name or local folder. A local folder is always loaded with its weights
+            (``from_pretrained``, offline); a hub name only when ``pretrained``.
+        max_length: default token count of ``EAVL.tokenize`` (17; 22 for G-Ref).
+        tokenizer: a tokenizer folder or object. Default: the one of ``text_model`` (local
+            folder, hub when ``pretrained``, else the local HF cache); when none is available
+            offline, the embedded WordPiece vocabulary with a warning.
+        text_config: a config folder or dict: build the language model from it with random
+            weights (``from_pretrained`` uses this for checkpoints).
+    """
+    recorded = _record(
+        img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
+        use_global_vision=use_global_vision, use_global_text=use_global_text,
+        kernel_size=kernel_size, dim=dim, backbone=backbone,
+        backbone_kwargs=dict(backbone_kwargs or {}), text_model=text_model, max_length=max_length,
+    )
+    language_model = _language_model(
+        text_model, pretrained=pretrained, text_config=text_config, default_config=BERT_BASE_CONFIG
+    )
+    return _assemble(
+        builder="eavl_swin_b",
+        recorded=recorded,
+        backbone=create_timm_backbone(
+            backbone, pretrained=pretrained and text_config is None, img_size=img_size,
+            **(backbone_kwargs or {}),
+        ),
+        language_model=language_model,
+        tokenizer=_tokenizer(tokenizer, text_model, pretrained=pretrained, warn_fallback=True),
+        img_size=img_size, dim=dim, num_queries=num_queries, head=head,
+        use_estimator=use_estimator, use_global_vision=use_global_vision,
+        use_global_text=use_global_text, kernel_size=kernel_size,
+        pool_heads=16, decoder_layers=3, decoder_heads=8, ffn_dim=2048, dropout=0.1,
+        aligner_heads=8, max_length=max_length,
+    )
+
+
+def build_eavl_tiny(
+    *,
+    img_size: int = 256,
+    num_queries: int = 8,
+    head: str = "aligner",
+    use_estimator: bool = True,
+    use_global_vision: bool = True,
+    use_global_text: bool = True,
+    kernel_size: int = 3,
+    dim: int = 64,
+    backbone: str = TINY_BACKBONE,
+    backbone_kwargs: Optional[Dict[str, Any]] = None,
+    text_model: Optional[str] = None,
+    text_model_config: Optional[Dict[str, Any]] = None,
+    decoder_layers: int = 1,
+    max_length: int = 17,
+    tokenizer: Any = None,
+    text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
+) -> EAVL:
+    """A small EAVL that trains on a 2-core CPU; the same code path as the paper's model.
+
+    Numbers: timm ResNet-18 with one block per stage and channels 32/64/128/256 (random
+    init); BERT with 2 layers, width 128, 2 heads, FFN 256 over the embedded WordPiece
+    vocabulary; width 64, N = 8, 1 decoder layer with 4 heads and FFN 256, dropout 0.1;
+    estimator with 4 heads, k = 3; 256 x 256 inputs.
+
+    Args:
+        img_size: training side (multiple of 32).
+        num_queries, head, use_estimator, use_global_vision, use_global_text, kernel_size: the
+            ablation switches (module docstring).
+        dim: model width D (a multiple of 4 for the sine encoding and of 4 heads).
+        backbone, backbone_kwargs: timm model and its arguments; ``backbone_kwargs`` defaults to
+            :data:`TINY_BACKBONE_KWARGS` only for the default backbone (e.g.
+            ``backbone="swin_tiny_patch4_window7_224", img_size=224`` gives Swin-T).
+        text_model: None (the tiny BERT) or a local ``transformers`` folder loaded with its
+            weights (e.g. a MiniLM); hub names are loaded only if cached.
+        text_model_config: overrides of :data:`TINY_BERT_CONFIG` for the default tiny BERT.
+        decoder_layers: decoder depth (1).
+        max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
+    """
+    if backbone_kwargs is None:
+        backbone_kwargs = dict(TINY_BACKBONE_KWARGS) if backbone == TINY_BACKBONE else {}
+    recorded = _record(
+        img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
+        use_global_vision=use_global_vision, use_global_text=use_global_text,
+        kernel_size=kernel_size, dim=dim, backbone=backbone, backbone_kwargs=dict(backbone_kwargs),
+        text_model=None if text_model is None else os.fspath(text_model),
+        text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
+        max_length=max_length,
+    )
+    tok = _tokenizer(tokenizer, text_model, pretrained=False, warn_fallback=True)
+    default_config = dict(TINY_BERT_CONFIG, vocab_size=len(tok), **(text_model_config or {}))
+    language_model = _language_model(
+        text_model, pretrained=True, text_config=text_config, default_config=default_config
+    )
+    return _assemble(
+        builder="eavl_tiny",
+        recorded=recorded,
+        backbone=create_timm_backbone(backbone, pretrained=False, img_size=img_size, **backbone_kwargs),
+        language_model=language_model,
+        tokenizer=tok,
+        img_size=img_size, dim=dim, num_queries=num_queries, head=head,
+        use_estimator=use_estimator, use_global_vision=use_global_vision,
+        use_global_text=use_global_text, kernel_size=kernel_size,
+        pool_heads=4, decoder_layers=decoder_layers, decoder_heads=4, ffn_dim=256, dropout=0.1,
+        aligner_heads=4, max_length=max_length,
+    )
+
+
+#: Builder name (as recorded in ``config.json``) -> builder function.
+BUILDERS: Dict[str, Callable[..., EAVL]] = {
+    "eavl_swin_b": build_eavl_swin_b,
+    "eavl_tiny": build_eavl_tiny,
+}

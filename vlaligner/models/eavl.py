@@ -1,0 +1,482 @@
+"""The full EAVL model: encoders, Fusion Neck, Multi-Query Generator, decoder and aligner.
+
+Axis legend: b batch, n queries, l words (tokens), c channels, d width, h w the stride-16
+grid (H/16, W/16), H W input size, k kernel size.
+
+Data flow (``../shared/spec/eavl.md``, sections 1-5)::
+
+    images (b 3 H W) -> ImageEncoder -> F_v2 (b c2 H/8 W/8), F_v3 (b c3 H/16 W/16),
+                                        F_v4 (b c4 H/32 W/32) refined, F_g (b c4)
+    input_ids (b l) -> TextEncoder -> F_t (b l d), F_s (b d)
+    FusionNeck(F_v2..4, F_s)                      -> F_v (b d h w)
+    MultiQueryGenerator(F_v2..4, F_t, mask, F_g)  -> F_q (b n d), attention (b n l)
+    TransformerDecoder(F_v, F_q)                  -> F_c (b d h w)
+    VisionLanguageAligner(F_c, F_q)               -> logits (b 1 H/4 W/4), scores (b n)
+
+Checkpoints are a folder: ``model.safetensors`` (never pickle), ``config.json`` (builder
+name and keyword arguments, library version, format version, SHA-256 of the weights),
+``tokenizer/`` and ``text_config/`` (so that reloading never downloads anything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..aligner import FixedKernelHead, VisionLanguageAligner
+from ..neck import FusionNeck
+from ..query_generator import MultiQueryGenerator
+from .decoder import TransformerDecoder
+from .image_encoder import ImageEncoder
+from .text_encoder import TextEncoder
+from .tokenizer import tokenize as _tokenize
+
+__all__ = [
+    "EAVL",
+    "EAVLOutput",
+    "INPUT_MULTIPLE",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "TOKENIZER_DIR",
+    "TEXT_CONFIG_DIR",
+]
+
+#: Image sides must be multiples of this (the backbone's coarsest stride).
+INPUT_MULTIPLE = 32
+#: Version of the checkpoint folder layout; bumped when old folders need conversion.
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+TEXT_CONFIG_DIR = "text_config"
+# Files that hold pickles: refused, since unpickling runs arbitrary code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass
+class EAVLOutput:
+    """What :meth:`EAVL.forward` returns, the same in train and eval.
+
+    Attributes:
+        logits: ``(b 1 H/4 W/4)`` mask logits (apply ``sigmoid`` for probabilities; the loss
+            is :func:`vlaligner.losses.mask_bce_loss`).
+        query_scores: ``(b n)`` weight of each query's mask (sums to 1 over n); None with the
+            fixed-kernel head.
+        query_masks: ``(b n H/4 W/4)`` per-query mask logits when ``return_query_masks=True``
+            (aligner head only), else None.
+        word_attention: ``(b n l)`` vision-guided word attention of the Multi-Query
+            Generator (Eq. 9, zero on padding) when ``return_word_attention=True``, else None.
+    """
+
+    logits: torch.Tensor
+    query_scores: Optional[torch.Tensor] = None
+    query_masks: Optional[torch.Tensor] = None
+    word_attention: Optional[torch.Tensor] = None
+
+
+class EAVL(nn.Module):
+    """EAVL for referring image segmentation, assembled from its parts.
+
+    Build it with :func:`vlaligner.models.build_eavl_swin_b` or
+    :func:`vlaligner.models.build_eavl_tiny` (they write the paper's numbers out), or pass
+    the parts yourself.
+
+    Args:
+        image_encoder: backbone + attention pooling (maps at strides 8/16/32 and ``F_g``).
+        text_encoder: language model + projections (``F_t``, and ``F_s`` unless built
+            without a sentence projection).
+        neck: the Fusion Neck; built with ``sentence_dim`` exactly when the text encoder
+            makes ``F_s`` (the ablation without ``F_s`` drops both).
+        query_generator: the Multi-Query Generator; ``F_g`` is passed to it exactly when it
+            was built with ``global_vision_dim``.
+        decoder: the transformer decoder (Q from the vision tokens, K/V from the queries).
+        head: :class:`~vlaligner.VisionLanguageAligner` or the table-III baseline
+            :class:`~vlaligner.FixedKernelHead`.
+        tokenizer: a ``transformers`` tokenizer matching the language model.
+        img_size: the side the model was built for (training size; the attention pooling's
+            positional embedding and the generator's grid are sized for it).
+        max_length: default token count of :meth:`tokenize` (17 as RefCOCO; 22 for G-Ref).
+        config: ``{"builder": name, "kwargs": {...}}`` recorded by the builders, so that
+            :meth:`save_pretrained` can write how to rebuild the model.
+    """
+
+    # nn.Module's state-dict version: bump and convert in _load_from_state_dict on renames.
+    _version = 1
+
+    def __init__(
+        self,
+        *,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        neck: FusionNeck,
+        query_generator: MultiQueryGenerator,
+        decoder: TransformerDecoder,
+        head: Union[VisionLanguageAligner, FixedKernelHead],
+        tokenizer: Any,
+        img_size: int,
+        max_length: int = 17,
+        config: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if (text_encoder.sentence_proj is None) != (neck.sentence_proj is None):
+            raise ValueError(
+                "text_encoder and neck disagree on F_s: build both with a sentence dimension or "
+                "both without (the ablation without the global text feature)"
+            )
+        if tuple(image_encoder.channels) != tuple(neck.in_channels) or tuple(
+            image_encoder.channels
+        ) != tuple(query_generator.vision_channels):
+            raise ValueError(
+                f"channels disagree: image encoder {tuple(image_encoder.channels)}, neck "
+                f"{tuple(neck.in_channels)}, query generator {tuple(query_generator.vision_channels)}"
+            )
+        if img_size % INPUT_MULTIPLE:
+            raise ValueError(f"img_size must be a multiple of {INPUT_MULTIPLE}, got {img_size}")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.neck = neck
+        self.query_generator = query_generator
+        self.decoder = decoder
+        self.head = head
+        self.tokenizer = tokenizer
+        self.img_size = int(img_size)
+        self.max_length = int(max_length)
+        self.num_queries = int(query_generator.num_queries)
+        self._config: Dict[str, Any] = dict(config) if config else {"builder": None, "kwargs": {}}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> Dict[str, Any]:
+        """``{"builder": name, "kwargs": {...}}``: how to rebuild this model (a copy)."""
+        return json.loads(json.dumps(self._config))
+
+    @property
+    def use_global_vision(self) -> bool:
+        """Whether ``F_g`` feeds the generator (Eq. 8); False is the ablation without it."""
+        return self.query_generator.global_vision_dim is not None
+
+    @property
+    def use_global_text(self) -> bool:
+        """Whether ``F_s`` gates the neck (Eq. 2); False is the ablation without it."""
+        return self.neck.sentence_proj is not None
+
+    # ------------------------------------------------------------------ text
+    def tokenize(
+        self, sentences: Union[str, Sequence[str]], max_length: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize with the model's own tokenizer, padded/truncated to ``max_length``.
+
+        Args:
+            sentences: one sentence or a list; any English text (unknown words become
+                sub-words or [UNK]); an empty or blank sentence raises ``ValueError``.
+            max_length: tokens including [CLS] and [SEP]; default ``self.max_length`` (17).
+
+        Returns:
+            ``input_ids (b l)`` and ``attention_mask (b l)`` (int64, 1 = real token), on CPU.
+        """
+        return _tokenize(
+            self.tokenizer, sentences, self.max_length if max_length is None else max_length
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        for name, value in (("images", images), ("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (b 3 H W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be a float tensor normalised with the ImageNet mean/std, got dtype {images.dtype}"
+            )
+        height, width = images.shape[-2:]
+        if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
+            raise ValueError(
+                f"image sides must be multiples of {INPUT_MULTIPLE} (the backbone's stride-32 map must "
+                f"tile the input exactly), got images of shape {tuple(images.shape)}; resize or pad "
+                f"to e.g. {tuple(-(-s // INPUT_MULTIPLE) * INPUT_MULTIPLE for s in (height, width))}"
+            )
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (b l), got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids (b l) = {tuple(input_ids.shape)}, "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if input_ids.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"batch sizes must match, got images: {images.shape[0]}, input_ids: {input_ids.shape[0]}"
+            )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        return_query_masks: bool = False,
+        return_word_attention: bool = False,
+    ) -> EAVLOutput:
+        """Segment what each sentence refers to.
+
+        Args:
+            images: ``(b 3 H W)`` normalised with the ImageNet mean/std; H and W multiples
+                of 32 (``ValueError`` otherwise, naming the shape received).
+            input_ids: ``(b l)`` token ids (from :meth:`tokenize`).
+            attention_mask: ``(b l)`` 1 (or True) for real tokens, 0 for padding; ids under
+                0 never change the output.
+            return_query_masks: also return the n per-query masks (aligner head only).
+            return_word_attention: also return the generator's word attention ``(b n l)``.
+
+        Returns:
+            :class:`EAVLOutput` with ``logits (b 1 H/4 W/4)``.
+        """
+        self._check_inputs(images, input_ids, attention_mask)
+        feats, global_vision = self.image_encoder(images)
+        words, sentence = self.text_encoder(input_ids, attention_mask)
+        word_mask = attention_mask.bool()
+        fused = self.neck(feats, sentence)
+        queries, attention = self.query_generator(
+            feats,
+            words,
+            word_mask,
+            global_vision=global_vision if self.use_global_vision else None,
+            return_attention=True,
+        )
+        decoded = self.decoder(fused, queries)
+        out = self.head(decoded, queries, return_query_masks=return_query_masks)
+        return EAVLOutput(
+            logits=out.logits,
+            query_scores=out.query_scores,
+            query_masks=out.query_masks,
+            word_attention=attention if return_word_attention else None,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write the checkpoint folder; returns its path.
+
+        Files: ``model.safetensors`` (weights; written to a temporary file, then renamed, so a
+        crash never leaves a half-written file under the real name), ``tokenizer/``,
+        ``text_config/config.json`` and last ``config.json`` (builder, kwargs, versions and the
+        SHA-256 of the weights: a folder whose weights were changed afterwards is refused).
+        """
+        from safetensors.torch import save_file
+
+        if not self._config.get("builder"):
+            raise ValueError(
+                "this EAVL was not made by a builder (config has no 'builder'), so from_pretrained "
+                "could not rebuild it: build it with build_eavl_swin_b/build_eavl_tiny"
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = _plain_state_dict(self)
+        metadata = {"format": "pt", "vlaligner_version": __version__, "format_version": str(FORMAT_VERSION)}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata=metadata))
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        self.text_encoder.language_model.config.save_pretrained(str(directory / TEXT_CONFIG_DIR))
+        config = {
+            "builder": self._config["builder"],
+            "kwargs": self._config["kwargs"],
+            "vlaligner_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "weights_sha256": _sha256(directory / WEIGHTS_NAME),
+        }
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: Union[str, os.PathLike],
+        map_location: Union[str, torch.device] = "cpu",
+        strict: bool = True,
+    ) -> "EAVL":
+        """Rebuild a model saved with :meth:`save_pretrained` and load its weights.
+
+        The model is rebuilt by the recorded builder with random initialisation (nothing is
+        downloaded: the language model comes from ``text_config/``, the tokenizer from
+        ``tokenizer/``), then the safetensors weights are loaded. Pickles are never loaded.
+
+        Args:
+            directory: the checkpoint folder.
+            map_location: device the model is moved to.
+            strict: refuse missing or unexpected tensors (shape mismatches are always refused).
+
+        Raises:
+            FileNotFoundError: the folder or one of its files is missing (lists what a folder
+                must hold).
+            ValueError: pickle-only folder, unreadable/tampered weights or config, unknown
+                builder, or weights of another variant (names the first differing tensors).
+        """
+        from .builders import BUILDERS
+
+        directory = Path(directory)
+        expected = f"{CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_DIR}/ and {TEXT_CONFIG_DIR}/"
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint folder {str(directory)!r} does not exist (an EAVL checkpoint folder holds {expected})"
+            )
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+            if pickles:
+                raise ValueError(
+                    f"{str(directory)!r} holds pickle files {pickles} but no {WEIGHTS_NAME}: vlaligner never "
+                    "loads pickles (unpickling can run arbitrary code). If the file is from a source you "
+                    "trust, load it yourself and re-save it with EAVL.save_pretrained"
+                )
+            raise FileNotFoundError(
+                f"{str(directory)!r} has no {WEIGHTS_NAME} (an EAVL checkpoint folder holds {expected}); "
+                f"found: {sorted(p.name for p in directory.iterdir())}"
+            )
+        config = _read_config(directory / CONFIG_NAME, expected)
+        builder_name = config["builder"]
+        if builder_name not in BUILDERS:
+            raise ValueError(
+                f"{CONFIG_NAME} names builder {builder_name!r}, which this vlaligner {__version__} does not "
+                f"know (known: {sorted(BUILDERS)})"
+            )
+        recorded = config.get("weights_sha256")
+        if recorded is not None and _sha256(weights) != recorded:
+            raise ValueError(
+                f"{weights} does not match the SHA-256 recorded in {CONFIG_NAME}: the weights were changed "
+                "after saving (tampered, corrupt or half-copied); refusing to load them"
+            )
+        kwargs = dict(config["kwargs"])
+        for key, sub in (("tokenizer", TOKENIZER_DIR), ("text_config", TEXT_CONFIG_DIR)):
+            if not (directory / sub).is_dir():
+                raise FileNotFoundError(
+                    f"{str(directory)!r} has no {sub}/ folder (an EAVL checkpoint folder holds {expected})"
+                )
+            kwargs[key] = str(directory / sub)
+        model = BUILDERS[builder_name](**kwargs)
+        state = _load_safetensors(weights)
+        model.load_checkpoint_state(state, strict=strict, source=str(weights))
+        return model.to(map_location)
+
+    def load_checkpoint_state(
+        self, state: Dict[str, torch.Tensor], *, strict: bool = True, source: str = "checkpoint"
+    ) -> None:
+        """``load_state_dict`` with errors that name the differing tensors and their shapes."""
+        own = self.state_dict()
+        mismatched = [
+            (k, tuple(state[k].shape), tuple(v.shape))
+            for k, v in own.items()
+            if k in state and tuple(state[k].shape) != tuple(v.shape)
+        ]
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        hint = (
+            f"was it saved from another variant than {self._config.get('builder')} "
+            f"{self._config.get('kwargs')}? (num_queries, kernel_size, head, dim, backbone and the "
+            "ablation switches change the tensors)"
+        )
+        if mismatched:
+            listed = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:5])
+            raise ValueError(
+                f"{source}: {len(mismatched)} tensors have another shape than in the model, first: "
+                f"{listed}. {hint}"
+            )
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(
+                    f"{len(missing)} missing, first: "
+                    + ", ".join(f"{k} {tuple(own[k].shape)}" for k in missing[:5])
+                )
+            if unexpected:
+                parts.append(
+                    f"{len(unexpected)} unexpected, first: "
+                    + ", ".join(f"{k} {tuple(state[k].shape)}" for k in unexpected[:5])
+                )
+            raise ValueError(f"{source}: tensors do not match the model: {'; '.join(parts)}. {hint}")
+        self.load_state_dict(state, strict=strict)
+
+
+# ---------------------------------------------------------------------- file helpers
+def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tensors sharing memory are cloned (safetensors refuses them)."""
+    state: Dict[str, torch.Tensor] = {}
+    seen: set = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if pointer is not None and pointer in seen:
+            tensor = tensor.clone()
+        elif pointer is not None:
+            seen.add(pointer)
+        state[key] = tensor
+    return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_config(path: Path, expected: str) -> Dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path.parent)!r} has no {CONFIG_NAME} (an EAVL checkpoint folder holds {expected})"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or not isinstance(config.get("builder"), str) or not isinstance(
+        config.get("kwargs"), dict
+    ):
+        raise ValueError(
+            f"{path} must be a JSON object with 'builder' (str) and 'kwargs' (object), got {str(config)[:200]}"
+        )
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this vlaligner {__version__} reads format_version "
+            f"<= {FORMAT_VERSION} (saved by vlaligner {config.get('vlaligner_version')!r}: upgrade vlaligner)"
+        )
+    return config
+
+
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError and OSError/ValueError
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupt, truncated or tampered): {error}"
+        ) from error
+

@@ -1,0 +1,164 @@
+"""The image encoder of EAVL: a timm backbone and the attention pooling on its last stage.
+
+Axis legend: b batch, c channels, h w space, t tokens (1 + h*w), d width.
+
+The backbone is any timm model built with ``features_only``; EAVL reads its last three
+stages (strides 8, 16, 32: Swin-B's stages 2-4, ``F_v2, F_v3, F_v4``). The attention pooling
+(paper Eq. 1, CLIP's ``AttentionPool2d`` as used by CRIS) prepends the spatial mean of
+``F_v4`` to its tokens, runs one multi-head self-attention layer and returns the first output
+token as the global vision feature ``F_g`` and the rest, reshaped, as the refined stage-4 map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["AttentionPool2d", "ImageEncoder", "create_timm_backbone", "FEATURE_STRIDES"]
+
+#: Strides of the three backbone maps EAVL uses (stages 2-4 of Swin).
+FEATURE_STRIDES: Tuple[int, int, int] = (8, 16, 32)
+
+
+def create_timm_backbone(
+    name: str, *, pretrained: bool = False, img_size: Optional[int] = None, **timm_kwargs: Any
+) -> nn.Module:
+    """Build ``timm.create_model(name, features_only=True)`` returning the last three stages.
+
+    ``img_size`` is forwarded (with ``dynamic_img_size=True``, so that any input whose sides
+    are multiples of 32 works, not just ``img_size`` squared) to backbones that take it
+    (Swin, ViT-like models); CNNs such as ResNet or ConvNeXt do not take it, and for them it
+    is dropped. Further keyword arguments go to timm unchanged (e.g. ``embed_dim``,
+    ``depths``, ``channels``).
+
+    Raises:
+        ValueError: the backbone's last three stages are not at strides 8, 16, 32.
+    """
+    import timm  # an extra: imported where used so the core package imports without it
+
+    base = dict(timm_kwargs, pretrained=pretrained, features_only=True, out_indices=(-3, -2, -1))
+    attempts: List[dict] = []
+    if img_size is not None:
+        # Not every timm model takes these; try the richest set first. A TypeError that does
+        # not name one of them is a real error and is re-raised.
+        attempts += [dict(img_size=img_size, dynamic_img_size=True), dict(img_size=img_size)]
+    attempts.append({})
+    last_error: Optional[TypeError] = None
+    for extra in attempts:
+        try:
+            model = timm.create_model(name, **base, **extra)
+            break
+        except TypeError as error:
+            if not any(key in str(error) for key in extra):
+                raise
+            last_error = error
+    else:  # pragma: no cover - the last attempt has no extra keys, so it raises itself
+        raise last_error  # type: ignore[misc]
+    reductions = tuple(int(r) for r in model.feature_info.reduction())
+    if reductions != FEATURE_STRIDES:
+        raise ValueError(
+            f"backbone {name!r}: EAVL needs its last three stages at strides {FEATURE_STRIDES}, "
+            f"got strides {reductions}"
+        )
+    return model
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head self-attention over ``[mean(x); flatten(x)]`` (paper Eq. 1, CLIP/CRIS).
+
+    Shapes: ``x (b c h w) -> (global (b c), refined (b c h w))``.
+
+    Args:
+        channels: c, the stage-4 channels (kept: ``F_g`` has c channels).
+        num_heads: attention heads (CLIP's choice: ``c // 64``).
+        grid_size: (h, w) of the stage-4 grid at the training size; the learned positional
+            embedding is bilinearly resized for other grids.
+        residual: add the input tokens to the attention output. The paper and CRIS use the
+            attention output alone (False); a residual keeps a pretrained backbone's map
+            intact at initialisation (*choice*, off by default).
+    """
+
+    def __init__(
+        self, *, channels: int, num_heads: int, grid_size: Tuple[int, int], residual: bool = False
+    ) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.channels = channels
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.residual = residual
+        # CLIP's initialisation: N(0, 1/sqrt(c)) for the 1 + h*w positions.
+        self.positional_embedding = nn.Parameter(
+            torch.randn(1 + self.grid_size[0] * self.grid_size[1], channels) / math.sqrt(channels)
+        )
+        self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+
+    def _positions(self, h: int, w: int) -> torch.Tensor:
+        """``(1 + h*w, c)`` positional embedding for an ``h x w`` grid."""
+        pos = self.positional_embedding
+        if (h, w) == self.grid_size:
+            return pos
+        spatial = rearrange(pos[1:], "(h w) c -> 1 c h w", h=self.grid_size[0])
+        spatial = F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=False)
+        return torch.cat([pos[:1], rearrange(spatial, "1 c h w -> (h w) c")], dim=0)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pool ``x (b c h w)`` into ``(F_g (b c), refined map (b c h w))``."""
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"AttentionPool2d expects (b {self.channels} h w), got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        tokens = rearrange(x, "b c h w -> b (h w) c")
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        tokens = tokens + self._positions(h, w).to(tokens.dtype)
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        if self.residual:
+            out = out + tokens
+        refined = rearrange(out[:, 1:], "b (h w) c -> b c h w", h=h, w=w)
+        return out[:, 0], refined
+
+
+class ImageEncoder(nn.Module):
+    """Backbone maps at strides 8/16/32 plus the global vision feature.
+
+    Shapes: ``images (b 3 H W) -> ([F_v2 (b c2 H/8 W/8), F_v3 (b c3 H/16 W/16),
+    F_v4 (b c4 H/32 W/32)], F_g (b c4))``; ``F_v4`` is the attention pooling's refined map.
+
+    Args:
+        backbone: a timm ``features_only`` model returning three maps at strides 8, 16, 32
+            (see :func:`create_timm_backbone`); channels-last outputs (timm's Swin returns
+            ``(b h w c)``) are converted by reading the backbone's ``output_fmt``.
+        pool: the attention pooling on the last map.
+    """
+
+    def __init__(self, *, backbone: nn.Module, pool: AttentionPool2d) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        self.channels: Tuple[int, int, int] = tuple(int(c) for c in backbone.feature_info.channels())  # type: ignore[assignment]
+        if len(self.channels) != 3:
+            raise ValueError(f"the backbone must return three maps, it returns {len(self.channels)}")
+        if pool.channels != self.channels[-1]:
+            raise ValueError(
+                f"pool has {pool.channels} channels, the backbone's last map {self.channels[-1]}"
+            )
+        fmt = getattr(backbone, "output_fmt", "NCHW")
+        self.channels_last = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
+
+    def forward(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        feats = list(self.backbone(images))
+        if self.channels_last:
+            feats = [rearrange(f, "b h w c -> b c h w") for f in feats]
+        for f, c in zip(feats, self.channels):
+            if f.shape[1] != c:  # a wrong output_fmt would silently mix space and channels
+                raise RuntimeError(f"backbone map has shape {tuple(f.shape)}, expected {c} channels")
+        global_vision, refined = self.pool(feats[-1])
+        feats[-1] = refined
+        return feats, global_vision
+

@@ -1,0 +1,377 @@
+"""Pictures of a prediction: the mask laid over the image, and a grid of what each query saw
+(the paper's Fig. 4: each query's own binarised mask, titled with its score and the words
+it attended to most).
+
+Axes: n queries, l words (tokens), H W image space, c colour channels (3).
+
+Images are (H W 3) uint8 numpy arrays, masks (H W) bool or (n H W) float probabilities.
+The overlay is pure numpy and saved with PIL at the image's own size; the grid is drawn
+with matplotlib's Agg canvas directly (no pyplot state, no display needed), imported only
+when a grid is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:  # matplotlib is imported where a grid is drawn
+    from matplotlib.figure import Figure
+
+    from vlaligner.predictor import Prediction
+
+__all__ = [
+    "QueryPanel",
+    "grid_shape",
+    "mask_outline",
+    "overlay_mask",
+    "merge_subwords",
+    "top_words",
+    "query_panels",
+    "render_query_grid",
+    "save_overlay",
+    "save_query_grid",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# Tokens that frame a sentence rather than say anything about the object.
+_SPECIAL_TOKENS = frozenset(
+    {"[cls]", "[sep]", "[pad]", "[mask]", "<s>", "</s>", "<pad>", "<cls>", "<sep>",
+     "<|startoftext|>", "<|endoftext|>", "<bos>", "<eos>"}
+)
+_HAS_WORD_CHAR = re.compile(r"\w")
+
+
+@dataclass(frozen=True)
+class QueryPanel:
+    """One panel of the query grid.
+
+    Fields: index (the query's position n in the model's output), score (its weight, or
+    None when the model has no estimator), words (its most-attended words, strongest
+    first), title (what the panel shows above the mask).
+    """
+
+    index: int
+    score: Optional[float]
+    words: Tuple[str, ...]
+    title: str
+
+
+# --------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------
+
+
+def grid_shape(n: int, *, max_cols: int = 6) -> Tuple[int, int]:
+    """(rows, cols) for n panels: at most ``max_cols`` per row, as few rows as possible."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (number of panels) must be a positive int, got {n!r}")
+    if max_cols < 1:
+        raise ValueError(f"max_cols must be >= 1, got {max_cols}")
+    cols = min(int(n), max_cols)
+    return math.ceil(int(n) / cols), cols
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be an (H W 3) uint8 numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H W 3), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"image must have dtype uint8, got dtype {image.dtype}")
+    return image
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """(H W) bool: the pixels of ``mask`` (H W) bool that touch a pixel outside it."""
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    # A pixel is interior when its four neighbours are all in the mask.
+    interior = (
+        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    )
+    return mask & ~interior
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    color: Tuple[int, int, int] = (255, 48, 48),
+    alpha: float = 0.45,
+    outline: bool = True,
+) -> np.ndarray:
+    """Tint the masked pixels of an image.
+
+    Args:
+        image: (H W 3) uint8.
+        mask: (H W) bool (anything non-zero counts as inside).
+        color: RGB tint; alpha: its opacity inside the mask; outline: draw the mask's
+            border in the full colour so that thin or pale regions stay visible.
+
+    Returns:
+        (H W 3) uint8, the same size as ``image``; pixels outside the mask are unchanged.
+    """
+    _check_image(image)
+    mask = np.asarray(mask)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"mask must have shape (H W) = {image.shape[:2]} like the image, got shape {mask.shape}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    mask = mask.astype(bool)
+    tint = np.asarray(color, dtype=np.float32).reshape(1, 1, 3)
+    out = image.astype(np.float32)
+    out[mask] = (1.0 - alpha) * out[mask] + alpha * tint[0]
+    if outline:
+        out[mask_outline(mask)] = tint[0, 0]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def merge_subwords(
+    tokens: Sequence[str], weights: Sequence[float]
+) -> Tuple[List[str], List[float]]:
+    """Join sub-word tokens into words, adding up their weights.
+
+    Understands WordPiece (BERT: ``##`` continues a word), byte-level BPE / SentencePiece
+    (``Ġ`` / ``▁`` starts a word) and CLIP BPE (``</w>`` ends a word). Special tokens
+    ([CLS], <s>, ...) and tokens without a letter or digit (punctuation) are dropped, so the
+    result is what a reader would call the sentence's words.
+    """
+    if len(tokens) != len(weights):
+        raise ValueError(
+            f"tokens and weights must have the same length l, got {len(tokens)} and {len(weights)}"
+        )
+    prefix_scheme = any(t.startswith(("Ġ", "▁")) for t in tokens)
+    suffix_scheme = not prefix_scheme and any(t.endswith("</w>") for t in tokens)
+    words: List[str] = []
+    totals: List[float] = []
+    open_word = False  # whether the next piece may continue the last word
+    for token, weight in zip(tokens, weights):
+        if token.lower() in _SPECIAL_TOKENS:
+            open_word = False
+            continue
+        if prefix_scheme:
+            starts = token.startswith(("Ġ", "▁")) or not open_word
+            piece = token.lstrip("Ġ▁")
+            ends = False
+        elif suffix_scheme:
+            starts = not open_word
+            ends = token.endswith("</w>")
+            piece = token[: -len("</w>")] if ends else token
+        else:
+            starts = not (token.startswith("##") and open_word)
+            piece = token[2:] if token.startswith("##") else token
+            ends = False
+        if starts:
+            words.append(piece)
+            totals.append(float(weight))
+        else:
+            words[-1] += piece
+            totals[-1] += float(weight)
+        open_word = not ends
+    keep = [i for i, w in enumerate(words) if _HAS_WORD_CHAR.search(w)]
+    return [words[i] for i in keep], [totals[i] for i in keep]
+
+
+def top_words(attention: Sequence[float], tokens: Sequence[str], *, k: int = 3) -> List[str]:
+    """The ``k`` words with the most attention, strongest first.
+
+    Args:
+        attention: (l) one query's attention over the tokens.
+        tokens: the l token strings.
+    """
+    words, weights = merge_subwords(list(tokens), [float(a) for a in np.asarray(attention)])
+    # Stable sort: equal weights keep sentence order.
+    order = sorted(range(len(words)), key=lambda i: -weights[i])
+    return [words[i] for i in order[:k]]
+
+
+def query_panels(
+    query_scores: Optional[np.ndarray],
+    word_attention: Optional[np.ndarray],
+    tokens: Optional[Sequence[str]],
+    *,
+    num_queries: Optional[int] = None,
+    top_k: int = 3,
+    sort_by_score: bool = True,
+) -> List[QueryPanel]:
+    """One ``QueryPanel`` per query, the highest score first.
+
+    Args:
+        query_scores: (n) or None.
+        word_attention: (n l) or None (then panels carry no words).
+        tokens: the l tokens of ``word_attention``.
+        num_queries: n, needed only when both arrays are None.
+    """
+    n = None
+    for name, value, rank in (("query_scores", query_scores, 1), ("word_attention", word_attention, 2)):
+        if value is None:
+            continue
+        value = np.asarray(value)
+        if value.ndim != rank:
+            pattern = "(n)" if rank == 1 else "(n l)"
+            raise ValueError(f"{name} must have shape {pattern}, got shape {value.shape}")
+        if n is not None and value.shape[0] != n:
+            raise ValueError(
+                f"query_scores and word_attention must agree on n, got {n} and {value.shape[0]}"
+            )
+        n = int(value.shape[0])
+    if n is None:
+        n = num_queries
+    if n is None or n < 1:
+        raise ValueError("need query_scores, word_attention or num_queries to know n")
+    if word_attention is not None:
+        if tokens is None or len(tokens) != np.asarray(word_attention).shape[1]:
+            raise ValueError(
+                f"tokens must list the l = {np.asarray(word_attention).shape[1]} tokens of "
+                f"word_attention (n l), got {None if tokens is None else len(tokens)}"
+            )
+
+    panels = []
+    for i in range(n):
+        score = None if query_scores is None else float(np.asarray(query_scores)[i])
+        words: Tuple[str, ...] = ()
+        if word_attention is not None:
+            words = tuple(top_words(np.asarray(word_attention)[i], tokens, k=top_k))
+        head = f"q{i}" if score is None else f"q{i}  score {score:.3f}"
+        shown = [w if len(w) <= 14 else w[:13] + "…" for w in words]
+        title = head + ("\n" + ", ".join(shown) if shown else "")
+        panels.append(QueryPanel(index=i, score=score, words=words, title=title))
+    if sort_by_score and query_scores is not None:
+        panels.sort(key=lambda p: -p.score)  # stable: ties keep query order
+    return panels
+
+
+# --------------------------------------------------------------------------------------
+# Drawing and saving
+# --------------------------------------------------------------------------------------
+
+
+def _thumbnail_size(h: int, w: int, longest: int) -> Tuple[int, int]:
+    scale = min(1.0, longest / max(h, w))
+    return max(1, round(w * scale)), max(1, round(h * scale))  # PIL order (W, H)
+
+
+def render_query_grid(
+    image: np.ndarray,
+    query_masks: np.ndarray,
+    panels: Sequence[QueryPanel],
+    *,
+    threshold: float = 0.5,
+    panel_size: int = 192,
+    max_cols: int = 6,
+    color: Tuple[int, int, int] = (255, 48, 48),
+    title: Optional[str] = None,
+) -> "Figure":
+    """Draw one panel per query: its binarised mask over the image, titled by ``panels``.
+
+    Args:
+        image: (H W 3) uint8.
+        query_masks: (n H' W') probabilities (any size; resized to the panel).
+        panels: the n panels in display order (``query_panels``); ``panel.index`` picks the mask.
+        threshold: the probability that binarises each query's mask (as in the paper's Fig. 4).
+        panel_size: the longest side of each panel in pixels.
+        title: an optional line above the grid (e.g. the sentence).
+
+    Returns:
+        A matplotlib Figure on an Agg canvas with exactly len(panels) axes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    _check_image(image)
+    query_masks = np.asarray(query_masks)
+    if query_masks.ndim != 3:
+        raise ValueError(f"query_masks must have shape (n H W), got shape {query_masks.shape}")
+    n = query_masks.shape[0]
+    if len(panels) != n:
+        raise ValueError(f"need one panel per query mask: {n} masks (n H W), got {len(panels)} panels")
+    rows, cols = grid_shape(n, max_cols=max_cols)
+
+    size = _thumbnail_size(image.shape[0], image.shape[1], panel_size)
+    thumb = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+    dpi = 100
+    panel_w, panel_h = size[0] / dpi, size[1] / dpi
+    title_h = 0.42  # inches for a two-line title
+    fig = Figure(
+        figsize=(cols * (panel_w + 0.1), rows * (panel_h + title_h) + (0.35 if title else 0.0)),
+        dpi=dpi,
+    )
+    FigureCanvasAgg(fig)
+    best = max((p.score for p in panels if p.score is not None), default=None)
+    for slot, panel in enumerate(panels):
+        mask = Image.fromarray(np.ascontiguousarray(query_masks[panel.index], dtype=np.float32))
+        mask = np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) > threshold
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        ax.imshow(overlay_mask(thumb, mask, color=color))
+        weight = "bold" if best is not None and panel.score == best else "normal"
+        ax.set_title(panel.title, fontsize=7, fontweight=weight)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _prepare_out(path: PathLike) -> Path:
+    out = Path(path)
+    ext = out.suffix.lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"cannot tell the image format of {str(out)!r}; end the name with .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_overlay(path: PathLike, image: np.ndarray, mask: np.ndarray, **kwargs) -> Path:
+    """Write ``overlay_mask(image, mask, **kwargs)`` to ``path`` at the image's size."""
+    out = _prepare_out(path)
+    Image.fromarray(overlay_mask(image, mask, **kwargs)).save(out)
+    return out
+
+
+def save_query_grid(
+    path: PathLike,
+    image: np.ndarray,
+    prediction: "Prediction",
+    *,
+    top_k: int = 3,
+    panel_size: int = 192,
+    max_cols: int = 6,
+) -> List[QueryPanel]:
+    """Write the query grid of a ``Prediction`` made with ``return_queries=True``.
+
+    Returns:
+        The panels drawn, in display order (one per query).
+    """
+    if prediction.query_masks is None:
+        raise ValueError("the prediction has no per-query masks; predict with return_queries=True")
+    out = _prepare_out(path)
+    panels = query_panels(
+        prediction.query_scores,
+        prediction.word_attention,
+        prediction.tokens,
+        num_queries=prediction.query_masks.shape[0],
+        top_k=top_k,
+    )
+    fig = render_query_grid(
+        image,
+        prediction.query_masks,
+        panels,
+        threshold=prediction.threshold,
+        panel_size=panel_size,
+        max_cols=max_cols,
+        title=repr(prediction.sentence),
+    )
+    fig.savefig(out)
+    return panels
