@@ -163,3 +163,9 @@ def test_coord_features_range_and_layout():
     assert coords.shape == (2, 2, 3, 5)
     torch.testing.assert_close(coords[0, 0, 0], torch.linspace(-1, 1, 5))  # x varies along width
     torch.testing.assert_close(coords[0, 1, :, 0], torch.linspace(-1, 1, 3))  # y along height
+
+
+def test_taps_double_backward_matches_grouped():
+    features = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: dynamic_conv2d(x, w, method="taps"), (features, weight))

@@ -99,9 +99,8 @@ def _dynamic_conv_einsum(features: torch.Tensor, weight: torch.Tensor) -> torch.
 def _dynamic_conv_taps(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """k x k kernels as one matmul over the k*k taps followed by k*k shifted adds.
 
-    ``taps[b n i j y x] = sum_c weight[b n c i j] * features[b c y x]``; then
-    ``masks[b n y x] = sum_ij taps[b n i j, y + i - k//2, x + j - k//2]`` with zeros outside,
-    which is exactly ``F.conv2d`` (cross-correlation) with "same" zero padding.
+    ``taps[b n i j y x] = sum_c weight[b n c i j] * features[b c y x]``, then the shifted
+    sum of ``_tap_slices``: exactly ``F.conv2d`` with "same" zero padding.
     """
     b, c, h, w = features.shape
     n, k = weight.shape[1], weight.shape[-1]
@@ -111,20 +110,63 @@ def _dynamic_conv_taps(features: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return _sum_shifted_taps(taps)
 
 
-def _sum_shifted_taps(taps: torch.Tensor) -> torch.Tensor:
-    """``(b n k k h w)`` per-tap responses -> ``(b n h w)`` "same"-padded convolution output."""
-    k, h, w = taps.shape[2], taps.shape[-2], taps.shape[-1]
+def _tap_slices(k: int, h: int, w: int):
+    """Yield ``(i, j, out_slice, tap_slice)``: ``out[out_slice] += taps[i, j][tap_slice]``.
+
+    ``masks[y, x] = sum_ij taps[i, j, y + i - k//2, x + j - k//2]`` (zero outside the map),
+    which is the cross-correlation ``F.conv2d`` computes with "same" zero padding.
+    """
     p = k // 2
-    out = taps[:, :, p, p].clone()  # the centre tap covers every pixel
     for i in range(k):
         for j in range(k):
             di, dj = i - p, j - p
-            if (di == 0 and dj == 0) or abs(di) >= h or abs(dj) >= w:
+            if abs(di) >= h or abs(dj) >= w:
                 continue
             y0, y1 = max(0, -di), h - max(0, di)
             x0, x1 = max(0, -dj), w - max(0, dj)
-            out[:, :, y0:y1, x0:x1] += taps[:, :, i, j, y0 + di : y1 + di, x0 + dj : x1 + dj]
-    return out
+            yield i, j, (slice(y0, y1), slice(x0, x1)), (slice(y0 + di, y1 + di), slice(x0 + dj, x1 + dj))
+
+
+class _SumShiftedTaps(torch.autograd.Function):
+    """``(b n k k h w)`` per-tap responses -> ``(b n h w)`` "same"-padded convolution output.
+
+    A custom backward: autograd through nine in-place slice adds would materialise a full
+    zero tensor of the taps' size per tap, which made the backward pass ~10x the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, n, k, _, h, w = taps.shape
+        ctx.kernel_size = k
+        out = taps.new_zeros(b, n, h, w)
+        for i, j, out_slice, tap_slice in _tap_slices(k, h, w):
+            out[:, :, out_slice[0], out_slice[1]] += taps[:, :, i, j, tap_slice[0], tap_slice[1]]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _ScatterTaps.apply(grad_out, ctx.kernel_size)
+
+
+class _ScatterTaps(torch.autograd.Function):
+    """The adjoint of ``_SumShiftedTaps`` (``(b n h w)`` -> ``(b n k k h w)``), for double backward."""
+
+    @staticmethod
+    def forward(ctx, grad_out: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        b, n, h, w = grad_out.shape
+        grad_taps = grad_out.new_zeros(b, n, k, k, h, w)
+        for i, j, out_slice, tap_slice in _tap_slices(k, h, w):
+            grad_taps[:, :, i, j, tap_slice[0], tap_slice[1]] = grad_out[:, :, out_slice[0], out_slice[1]]
+        return grad_taps
+
+    @staticmethod
+    def backward(ctx, grad_taps: torch.Tensor):  # type: ignore[override]
+        return _SumShiftedTaps.apply(grad_taps), None
+
+
+def _sum_shifted_taps(taps: torch.Tensor) -> torch.Tensor:
+    """``(b n k k h w)`` per-tap responses -> ``(b n h w)``; see ``_tap_slices``."""
+    return _SumShiftedTaps.apply(taps)
 
 
 def _dynamic_conv_grouped(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
