@@ -161,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
             "write a grid with one panel per query: the query's own binarised mask, its score "
             "(its weight in the final mask) and the words it attended to most (paper Fig. 4)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     seg.add_argument("--checkpoint", required=True, metavar="DIR",
                      help="directory written by EAVL.save_pretrained (model.safetensors + config.json)")
@@ -179,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mask-out", metavar="PATH", default=None,
                      help="also write the binary mask as a black-and-white PNG")
     seg.add_argument("--device", default="cpu", metavar="DEVICE",
-                     help="cpu, cuda, cuda:N or auto (CUDA when available)")
+                     help="cpu, cuda, cuda:N or auto (CUDA when available); default cpu")
     seg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="compute precision; auto = float32 on CPU, bfloat16 (or float16) on GPU")
+                     help="compute precision; default auto = float32 on CPU, bfloat16 (float16 on "
+                          "cards without bf16) on GPU, under autocast")
     seg.add_argument("--threshold", type=_probability, default=0.5,
-                     help="probability above which a pixel belongs to the mask")
+                     help="probability above which a pixel belongs to the mask; default 0.5")
     seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
-                     help="how many most-attended words to print per query")
+                     help="how many most-attended words to show per query; default 3")
     seg.set_defaults(handler=_cmd_segment)
 
     synth = sub.add_parser(
@@ -196,14 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
             "instances.json, images), for trying the pipeline without downloading COCO. "
             "Pass OUT as the data root to training (dataset refcoco, split_by unc)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     synth.add_argument("out", metavar="OUT", help="output directory (the data root)")
     synth.add_argument("--images", type=_positive_int, default=64, metavar="N",
-                       help="number of images to draw")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+                       help="number of images to draw (at least 4); default 64")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files); default 0")
     synth.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
-                       help="side of the images in pixels (default: the generator's)")
+                       help="square images of this side in pixels; default: varied sizes")
     synth.set_defaults(handler=_cmd_synth)
 
     for name in _FORWARDED:
@@ -278,12 +277,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         # A checkpoint with the right files but the wrong contents (edited config.json,
         # truncated weights, another model's files).
         raise UsageError(f"cannot load the checkpoint {args.checkpoint!r}: {err}") from None
-    try:
-        pred = predictor.predict(rgb, args.text, return_queries=want_queries)
-    except ValueError as err:
-        if want_queries and "per-query" in str(err):  # a fixed-kernel checkpoint
-            raise UsageError(f"--queries: {err}") from None
-        raise
+    if want_queries and not predictor.has_queries:
+        raise UsageError(
+            f"--queries: the checkpoint {args.checkpoint!r} has a fixed-kernel head, so there are "
+            f"no per-query masks to show; run without --queries"
+        )
+    pred = predictor.predict(rgb, args.text, return_queries=want_queries)
 
     from PIL import Image
 
@@ -352,6 +351,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.checkpoint}/config.json is not valid JSON: {err}") from None
         size = (directory / "model.safetensors").stat().st_size
         print(f"checkpoint {directory} (model.safetensors {size / 2**20:.1f} MiB)")
+        kwargs = config.get("kwargs", {}) if isinstance(config, dict) else {}
+        facts = [f"builder {config.get('builder')}"] if isinstance(config, dict) else []
+        facts += [f"{key} {kwargs[key]}" for key in ("img_size", "num_queries", "head") if key in kwargs]
+        print("model: " + ", ".join(facts))
         print(json.dumps(config, indent=2, sort_keys=True))
     return 0
 

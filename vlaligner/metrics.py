@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+_IOU_GRID = float(2**30)
 
 MaskBatch = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
 
@@ -48,6 +49,8 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
                 f"{name} must be a bool mask (threshold scores first, e.g. prob > 0.5), got "
                 f"numpy dtype {x.dtype}"
             )
+        if not x.flags.writeable:
+            x = x.copy()  # torch warns on read-only buffers
         return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.bool:
@@ -182,12 +185,16 @@ class RISMetricAccumulator:
         """
         inter, union = intersection_union(preds, targets)
         iou = iou_from_counts(inter, union)
+        # IoUs are summed on a 2^-30 grid: multiples of 2^-30 add exactly in float64 up to
+        # 2^23 (8.4 M) samples, so the sum, and mIoU, do not depend on how the samples were
+        # split over batches, accumulators or processes (pixel counts are integers anyway).
+        iou_grid = torch.round(iou * _IOU_GRID) / _IOU_GRID
         th = torch.tensor(self.thresholds, dtype=torch.float64)
         hits = (iou[:, None] >= th[None, :]).sum(dim=0).to(torch.float64)
         delta = torch.cat(
             [
                 torch.stack(
-                    [inter.sum(), union.sum(), iou.sum(), torch.tensor(float(iou.numel()), dtype=torch.float64)]
+                    [inter.sum(), union.sum(), iou_grid.sum(), torch.tensor(float(iou.numel()), dtype=torch.float64)]
                 ),
                 hits,
             ]
@@ -207,7 +214,13 @@ class RISMetricAccumulator:
         return self
 
     def state_tensor(self) -> torch.Tensor:
-        """The sums as a 1-D float64 tensor ``[I, U, sum IoU, count, hits per threshold]`` (a copy)."""
+        """The sums as a 1-D float64 tensor (a copy), length ``4 + len(thresholds)``.
+
+        Layout: ``[total intersection, total union, sum of IoUs, count, hits at each
+        threshold]``. Every entry adds exactly (pixel counts and sample counts are integers,
+        IoUs are summed on a 2^-30 grid), so ``all_reduce`` / ``merge`` give bit-identical
+        results however the samples were split.
+        """
         return self._state.clone()
 
     def load_state_tensor(self, state: torch.Tensor) -> None:

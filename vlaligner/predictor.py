@@ -8,8 +8,9 @@ S the model's square input side (``model.img_size``).
 Torch stays inside: the image is read and converted at the edge (numpy / PIL), resized
 for the model with the data set's own preprocessing (``vlaligner.data.preprocess_image``,
 a plain resize without keeping the aspect ratio, then ImageNet normalisation), and the
-logits are mapped back to the original size (bilinear on logits, then sigmoid), so the
-probabilities line up pixel for pixel with the image the user gave.
+logits are mapped back to the original size as the evaluation does (bilinear on logits to
+the input size, then to the original size, then sigmoid), so the probabilities line up
+pixel for pixel with the image the user gave and the masks are those the metrics measure.
 
 This module imports numpy and PIL at module level; ``vlaligner`` imports it lazily, so the
 torch-only core never needs them.
@@ -49,6 +50,11 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 # Sentences are run through the model in chunks of this many: the image is shared, so the
 # cost is the per-sentence fusion and mask head; the chunk bounds peak memory for long lists.
 _SENTENCE_CHUNK = 16
+
+_NO_QUERIES = (
+    "this model has no per-query masks or word attention (a fixed-kernel head); "
+    "call predict without return_queries"
+)
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -127,6 +133,9 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        # Through RGBA, as vlaligner.data.load_image does (PIL warns on a direct convert).
+        img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8).copy()
@@ -317,12 +326,19 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return resolved
 
 
-def logits_to_probability(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def logits_to_probability(
+    logits: torch.Tensor, size: Tuple[int, int], *, input_size: Optional[Tuple[int, int]] = None
+) -> torch.Tensor:
     """Map mask logits to probabilities at another size.
 
     Args:
         logits: (b c h w) logits on the model's grid.
-        size: (H, W) target size.
+        size: (H, W) target size (the original image).
+        input_size: (S, S) the model's input size; when given, the logits are first
+            upsampled to it and then resized to ``size``, the two steps of the evaluation
+            (spec section 5: "upsampled to the input size, then mapped back to the original
+            image size"; ``vlaligner.engine.predict_masks`` does the same), so the
+            predictor's masks are the ones the metrics were computed on.
 
     Returns:
         (b c H W) float32 probabilities: bilinear resize of the logits, then sigmoid
@@ -330,8 +346,9 @@ def logits_to_probability(logits: torch.Tensor, size: Tuple[int, int]) -> torch.
         put it instead of blurring it towards 0.5).
     """
     logits = logits.float()
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    for step in (input_size, size):
+        if step is not None and tuple(logits.shape[-2:]) != tuple(step):
+            logits = F.interpolate(logits, size=tuple(step), mode="bilinear", align_corners=False)
     return torch.sigmoid(logits)
 
 
@@ -353,7 +370,7 @@ class Predictor:
 
     Example::
 
-        predictor = Predictor.from_pretrained("runs/eavl_tiny/final")
+        predictor = Predictor.from_pretrained("runs/demo/best")
         pred = predictor.predict("photo.jpg", "the dog on the left")
         pred.mask            # (H W) bool at the photo's size
         preds = predictor.predict(image, ["the dog", "the red ball"], return_queries=True)
@@ -405,9 +422,10 @@ class Predictor:
             ImportError: the models extra (timm, transformers, safetensors) is not installed.
         """
         directory = check_checkpoint_dir(path)
-        # Check device / dtype before the (slow) load so that a typo fails at once.
+        # Check device / dtype / threshold before the (slow) load so that a typo fails at once.
         resolved = resolve_device(device)
         resolve_dtype(dtype, resolved)
+        _check_threshold(threshold)
         try:
             from vlaligner.models import EAVL
         except ImportError as err:
@@ -424,6 +442,13 @@ class Predictor:
     def img_size(self) -> int:
         """S, the square side the model sees."""
         return int(self.model.img_size)
+
+    @property
+    def has_queries(self) -> bool:
+        """Whether the model makes per-query masks (False for the fixed-kernel baseline)."""
+        from vlaligner.aligner import FixedKernelHead
+
+        return not isinstance(getattr(self.model, "head", None), FixedKernelHead)
 
     def _autocast(self) -> ContextManager[Any]:
         if self.dtype == torch.float32:
@@ -477,12 +502,10 @@ class Predictor:
                 return_query_masks=return_queries,
                 return_word_attention=return_queries,
             )
-        probability = logits_to_probability(out.logits, size)[:, 0]  # (b H W)
+        input_size = tuple(images.shape[-2:])
+        probability = logits_to_probability(out.logits, size, input_size=input_size)[:, 0]  # (b H W)
         if return_queries and (out.query_masks is None or out.word_attention is None):
-            raise ValueError(
-                "this model has no per-query masks or word attention (a fixed-kernel head); "
-                "call predict without return_queries"
-            )
+            raise ValueError(_NO_QUERIES)
 
         results = []
         for i, sentence in enumerate(sentences):
@@ -496,7 +519,9 @@ class Predictor:
             if return_queries:
                 # Per sentence so that only (n H W) is ever held at the original size.
                 pred.query_masks = (
-                    logits_to_probability(out.query_masks[i : i + 1], size)[0].cpu().numpy()
+                    logits_to_probability(out.query_masks[i : i + 1], size, input_size=input_size)[0]
+                    .cpu()
+                    .numpy()
                 )
                 if out.query_scores is not None:
                     pred.query_scores = out.query_scores[i].float().cpu().numpy()
@@ -530,6 +555,8 @@ class Predictor:
             ``check_sentences``; the message names what was expected and what was received.
         """
         sentences, single = check_sentences(text)
+        if return_queries and not self.has_queries:
+            raise ValueError(_NO_QUERIES)
         rgb, pixels = self.preprocess(image)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
         results: List[Prediction] = []

@@ -105,7 +105,7 @@ def overlay_mask(
     image: np.ndarray,
     mask: np.ndarray,
     *,
-    color: Tuple[int, int, int] = (255, 48, 48),
+    color: Tuple[int, int, int] = (0, 220, 255),
     alpha: float = 0.45,
     outline: bool = True,
 ) -> np.ndarray:
@@ -184,7 +184,7 @@ def merge_subwords(
 
 
 def top_words(attention: Sequence[float], tokens: Sequence[str], *, k: int = 3) -> List[str]:
-    """The ``k`` words with the most attention, strongest first.
+    """The ``k`` distinct words with the most attention, strongest first.
 
     Args:
         attention: (l) one query's attention over the tokens.
@@ -193,7 +193,14 @@ def top_words(attention: Sequence[float], tokens: Sequence[str], *, k: int = 3) 
     words, weights = merge_subwords(list(tokens), [float(a) for a in np.asarray(attention)])
     # Stable sort: equal weights keep sentence order.
     order = sorted(range(len(words)), key=lambda i: -weights[i])
-    return [words[i] for i in order[:k]]
+    chosen: List[str] = []
+    for i in order:
+        # A repeated word ("the ... the") is shown once, at its strongest occurrence.
+        if words[i].lower() not in (w.lower() for w in chosen):
+            chosen.append(words[i])
+        if len(chosen) == k:
+            break
+    return chosen
 
 
 def query_panels(
@@ -270,10 +277,11 @@ def render_query_grid(
     threshold: float = 0.5,
     panel_size: int = 192,
     max_cols: int = 6,
-    color: Tuple[int, int, int] = (255, 48, 48),
+    color: Tuple[int, int, int] = (0, 220, 255),
     title: Optional[str] = None,
 ) -> "Figure":
-    """Draw one panel per query: its binarised mask over the image, titled by ``panels``.
+    """Draw one panel per query: its binarised mask over the image, titled by ``panels``
+    (the panel with the highest score has a bold title).
 
     Args:
         image: (H W 3) uint8.
@@ -309,13 +317,15 @@ def render_query_grid(
         dpi=dpi,
     )
     FigureCanvasAgg(fig)
-    best = max((p.score for p in panels if p.score is not None), default=None)
+    scored = [slot for slot, p in enumerate(panels) if p.score is not None]
+    # Bold marks the one panel with the highest score (the first of equals).
+    best_slot = max(scored, key=lambda slot: (panels[slot].score, -slot), default=None)
     for slot, panel in enumerate(panels):
         mask = Image.fromarray(np.ascontiguousarray(query_masks[panel.index], dtype=np.float32))
         mask = np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) > threshold
         ax = fig.add_subplot(rows, cols, slot + 1)
         ax.imshow(overlay_mask(thumb, mask, color=color))
-        weight = "bold" if best is not None and panel.score == best else "normal"
+        weight = "bold" if slot == best_slot else "normal"
         ax.set_title(panel.title, fontsize=7, fontweight=weight)
         ax.set_axis_off()
     if title:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.utils.data
 
 __all__ = ["collate_ref_batch", "LIST_KEYS", "PAD_KEYS"]
 
@@ -16,6 +17,20 @@ LIST_KEYS = frozenset({"orig_mask", "sentence", "file_name"})
 # Token sequences from a tokenizer that does not pad to max_length are right-padded with 0
 # (0 = padding in attention_mask; the id under a 0 in the attention mask is never read).
 PAD_KEYS = frozenset({"input_ids", "attention_mask"})
+
+
+def _stack(values: list) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a DataLoader worker.
+
+    Without this the batch is copied once more when it is sent to the main process (what
+    torch's default_collate avoids the same way); at 480 x 480 that is 22 MB per batch of 8.
+    """
+    if torch.utils.data.get_worker_info() is not None and values[0].device.type == "cpu":
+        numel = sum(v.numel() for v in values)
+        storage = values[0].untyped_storage()._new_shared(numel * values[0].element_size())
+        out = values[0].new_empty(0).set_(storage).view(-1)[:numel].view(len(values), *values[0].shape)
+        return torch.stack(values, out=out)
+    return torch.stack(values)
 
 
 def collate_ref_batch(samples: Sequence[dict]) -> dict[str, Any]:
@@ -52,7 +67,7 @@ def collate_ref_batch(samples: Sequence[dict]) -> dict[str, Any]:
         elif all(isinstance(v, torch.Tensor) for v in values):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) == 1:
-                batch[key] = torch.stack(values)
+                batch[key] = _stack(values)
             elif key in PAD_KEYS and all(v.ndim == 1 for v in values):
                 length = max(v.shape[0] for v in values)
                 out = values[0].new_zeros((len(values), length))

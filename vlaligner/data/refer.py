@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -446,9 +446,10 @@ class RefDataset(Dataset):
                 f"{self.instances_file.name} says {width}x{height}; the annotations would not "
                 "line up"
             )
-        orig = torch.from_numpy(self.ref_mask(ref_id))
+        orig_np = self.ref_mask(ref_id)
         img_t = preprocess_image(image, self.img_size)
-        mask_t = resize_mask(orig, self.img_size)
+        mask_t = resize_mask(orig_np, self.img_size)
+        orig = torch.from_numpy(orig_np)
         if self.augment and bool(torch.rand(()) < 0.5):
             # Flip everything together: the sentence's left becomes right.
             img_t, mask_t, sentence = hflip_sample(img_t, mask_t, sentence)

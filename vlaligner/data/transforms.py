@@ -7,7 +7,8 @@ Conventions (LAVT's, the host the paper's evaluation follows):
 - images are resized to the model's input size with a *plain* resize: the aspect ratio is
   NOT kept (a 640 x 427 photo becomes 480 x 480), bilinear, then scaled to [0, 1] and
   normalised with the ImageNet mean and standard deviation;
-- masks are resized with nearest neighbour (pixel centres, as PIL's ``NEAREST``);
+- masks are resized with nearest neighbour by pixel centres (PIL's ``NEAREST`` rule, computed
+  exactly);
 - a left-right flip is only ever applied together with swapping the words "left" and
   "right" in the sentence, otherwise the augmented sample would teach the wrong answer.
 """
@@ -20,7 +21,6 @@ from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
@@ -29,12 +29,18 @@ __all__ = [
     "load_image",
     "preprocess_image",
     "resize_mask",
+    "nearest_indices",
     "swap_left_right",
     "hflip_sample",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float64))).to(torch.float32).view(3, 1, 1)
+_SHIFT = (-torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / torch.tensor(IMAGENET_STD, dtype=torch.float64)).to(
+    torch.float32
+).view(3, 1, 1)
 
 ImageLike = Union[Image.Image, np.ndarray]
 Size = Union[int, tuple[int, int]]
@@ -129,15 +135,24 @@ def preprocess_image(image: ImageLike, size: Size) -> torch.Tensor:
     pil = _to_rgb_pil(image)
     if pil.size != (w, h):
         pil = pil.resize((w, h), resample=Image.BILINEAR)
-    arr = np.asarray(pil, dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    arr = np.array(pil, dtype=np.uint8)  # a writable copy (PIL's buffer is read-only)
+    x = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    # One multiply-add instead of /255, -mean, /std: the loader's hottest lines.
+    return x.mul_(_SCALE).add_(_SHIFT)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel under nearest-neighbour resizing by pixel centres.
+
+    ``floor((i + 0.5) * in_size / out_size)`` computed in integers, so it is exact at every
+    size (PIL's NEAREST accumulates the coordinate in floating point and can land one pixel
+    lower at exact ties; torch's "nearest-exact" rounds its scale).
+    """
+    return (2 * np.arange(out_size, dtype=np.int64) + 1) * in_size // (2 * out_size)
 
 
 def resize_mask(mask: Union[np.ndarray, torch.Tensor, Image.Image], size: Size) -> torch.Tensor:
-    """Resize a binary mask with nearest neighbour (pixel centres, same result as PIL NEAREST).
+    """Resize a binary mask with nearest neighbour by pixel centres (see :func:`nearest_indices`).
 
     Args:
         mask: ``(H W)`` bool / integer / float array or tensor (non-zero = foreground), or a
@@ -151,7 +166,13 @@ def resize_mask(mask: Union[np.ndarray, torch.Tensor, Image.Image], size: Size) 
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask)
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        if mask.ndim != 2:
+            raise ValueError(f"mask must have shape (H W), got {tuple(mask.shape)}")
+        fg_np = mask != 0
+        # numpy fancy indexing is ~4x faster than torch.index_select here (CPU data loading).
+        rows = nearest_indices(fg_np.shape[0], h)
+        cols = nearest_indices(fg_np.shape[1], w)
+        return torch.from_numpy(np.ascontiguousarray(fg_np[rows][:, cols]))
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
             f"mask must be a numpy array, torch tensor or PIL image, got {type(mask).__name__}"
@@ -159,11 +180,12 @@ def resize_mask(mask: Union[np.ndarray, torch.Tensor, Image.Image], size: Size) 
     if mask.ndim != 2:
         raise ValueError(f"mask must have shape (H W), got {tuple(mask.shape)}")
     fg = mask != 0
-    if tuple(fg.shape) == (h, w):
+    H, W = fg.shape
+    if (H, W) == (h, w):
         return fg.clone()
-    # "nearest-exact" samples at pixel centres, floor((i + 0.5) * in / out): the PIL rule.
-    out = F.interpolate(fg[None, None].to(torch.float32), size=(h, w), mode="nearest-exact")
-    return out[0, 0] > 0.5
+    rows = torch.from_numpy(nearest_indices(H, h)).to(fg.device)
+    cols = torch.from_numpy(nearest_indices(W, w)).to(fg.device)
+    return fg.index_select(0, rows).index_select(1, cols)
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)", flags=re.IGNORECASE)
