@@ -57,8 +57,12 @@ __all__ = [
     "load_model_weights",
     "unwrap_model",
     "predict_masks",
+    "soft_dice_loss",
     "evaluate",
     "format_metrics_table",
+    "default_cache_dir",
+    "ensure_synthetic_set",
+    "check_data_root",
     "plot_training_curves",
     "save_prediction_grid",
     "TRAINING_STATE_JSON",
@@ -458,20 +462,23 @@ def _save_model(model: nn.Module, directory: Path) -> None:
 
 
 def load_model_weights(model: nn.Module, directory: PathLike) -> None:
-    """Load the weights saved by ``save_checkpoint`` into an existing ``model`` (in place).
+    """Load ``model.safetensors`` of a checkpoint folder into an existing ``model`` (in place).
 
-    Uses the class's ``from_pretrained`` when it has one (so the model's own file layout and
-    key renames apply), else ``model.safetensors`` with the ``state_dict`` keys.
+    Uses the model's own ``load_checkpoint_state`` when it has one (EAVL's: errors that name
+    the differing tensors), else ``load_state_dict(strict=True)``.
     """
-    directory = Path(directory)
-    bare = unwrap_model(model)
-    if hasattr(type(bare), "from_pretrained"):
-        state = type(bare).from_pretrained(directory, map_location="cpu").state_dict()
-    else:
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        state = load_file(str(directory / "model.safetensors"))
-    bare.load_state_dict(state, strict=True)
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has no model.safetensors")
+    bare = unwrap_model(model)
+    state = load_file(str(weights))
+    if hasattr(bare, "load_checkpoint_state"):
+        bare.load_checkpoint_state(state, strict=True, source=str(weights))
+    else:
+        bare.load_state_dict(state, strict=True)
 
 
 def save_checkpoint(
@@ -571,6 +578,144 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Data locations
+# --------------------------------------------------------------------------------------------
+SYNTHETIC_MARKER = "vlaligner-synthetic.json"
+SYNTHETIC_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where the synthetic set is cached: ``$VLALIGNER_CACHE`` or ``$XDG_CACHE_HOME/vlaligner``
+    (``~/.cache/vlaligner``), sub-folder ``synthetic-v1``."""
+    base = os.environ.get("VLALIGNER_CACHE")
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlaligner")
+    return Path(base) / f"synthetic-v{SYNTHETIC_VERSION}"
+
+
+def ensure_synthetic_set(
+    cache_dir: PathLike, *, num_images: int, seed: int = 0, log: Optional[Callable[[str], None]] = None
+) -> Path:
+    """Generate the synthetic RefCOCO-layout set into ``cache_dir`` once; return the data root.
+
+    The folder records its generation parameters in ``vlaligner-synthetic.json``; a folder
+    made with other parameters is regenerated. Generation goes to a temporary sibling that is
+    renamed into place (a killed generation never leaves a half set), under a file lock so
+    that concurrent processes (torchrun ranks, parallel runs) generate it once.
+    """
+    from .data import generate_synthetic_refcoco
+
+    cache_dir = Path(cache_dir).expanduser()
+    wanted = {"version": SYNTHETIC_VERSION, "num_images": int(num_images), "seed": int(seed)}
+
+    def current() -> Optional[dict]:
+        try:
+            return json.loads((cache_dir / SYNTHETIC_MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+
+    if current() == wanted:
+        return cache_dir
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir.with_name(cache_dir.name + ".lock")):
+        found = current()
+        if found == wanted:  # another process generated it while we waited
+            return cache_dir
+        if log is not None:
+            what = "generating" if found is None else f"regenerating (it was made with {found})"
+            log(f"{what} the synthetic set ({num_images} images, seed {seed}) in {cache_dir}")
+
+        def write(tmp: Path) -> None:
+            generate_synthetic_refcoco(tmp, num_images=int(num_images), seed=int(seed))
+            (tmp / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
+
+        atomic_write_dir(cache_dir, write)
+    return cache_dir
+
+
+class _file_lock:
+    """An exclusive ``flock`` on ``path`` (no-op where ``fcntl`` does not exist)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = None
+
+    def __enter__(self) -> "_file_lock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        self.handle = open(self.path, "a+")
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            import fcntl
+
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def check_data_root(root: PathLike, dataset: str, split_by: str) -> None:
+    """Raise ``FileNotFoundError`` naming what is missing when ``root`` is not a refer layout.
+
+    Cheap (file existence only), so that a wrong ``--data-root`` fails before any model is built.
+    """
+    root = Path(root).expanduser()
+    layout = (
+        f"expected {root}/{dataset}/refs({split_by}).p, {root}/{dataset}/instances.json and "
+        f"{root}/images/mscoco/images/train2014/ (see docs/data.md)"
+    )
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist; {layout}")
+    missing = [
+        str(p)
+        for p in (
+            root / dataset / f"refs({split_by}).p",
+            root / dataset / "instances.json",
+            root / "images" / "mscoco" / "images" / "train2014",
+        )
+        if not p.exists()
+    ]
+    if missing:
+        raise FileNotFoundError(f"data root {root} is incomplete: missing {', '.join(missing)}; {layout}")
+
+
+# --------------------------------------------------------------------------------------------
+# Losses beyond the paper's BCE
+# --------------------------------------------------------------------------------------------
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0) -> torch.Tensor:
+    """``1 - Dice`` of ``sigmoid(logits)`` and the target, averaged over the batch.
+
+    Not in the paper (BCE only): an option for short runs, where BCE alone first learns to
+    predict background everywhere (the referred object covers a few percent of the pixels)
+    and Dice, which only counts the object, pulls the foreground in from the first steps.
+
+    Args:
+        logits: ``(b 1 h w)`` predicted logits.
+        target: ``(b H W)`` or ``(b 1 H W)`` binary mask, resized to ``h x w`` (nearest).
+        eps: smoothing added to both sides of the ratio (an empty target and an empty
+            prediction then give a loss near 0).
+
+    Returns:
+        scalar tensor (float32).
+    """
+    from .losses import resize_target
+
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"logits must have shape (b 1 h w), got {tuple(logits.shape)}")
+    target = resize_target(target, tuple(logits.shape[-2:])).to(logits.device)
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(f"batch sizes must match, got logits: {logits.shape[0]}, target: {target.shape[0]}")
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    inter = (prob * target).sum(1)
+    dice = (2 * inter + eps) / (prob.sum(1) + target.sum(1) + eps)
+    return (1 - dice).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,12 +918,16 @@ def save_prediction_grid(
     *,
     ious: Optional[Sequence[float]] = None,
 ) -> Path:
-    """A PNG with one panel per sample: the image, the prediction in red, the truth outlined.
+    """A PNG with one panel per sample: the prediction lit and outlined, the truth outlined.
+
+    Outside the predicted mask the image is darkened (whatever the objects' colours, the
+    prediction stands out); the prediction's outline is cyan, the ground truth's dashed lime.
 
     Args:
         images: ``(H W 3)`` uint8 each.
         preds, targets: ``(H W)`` bool each, the size of their image.
         sentences: the referring expression of each sample (the panel title).
+        ious: optional IoU (0-1) of each sample, shown under its sentence.
     """
     import matplotlib
 
@@ -801,17 +950,23 @@ def save_prediction_grid(
         ax = axes.flat[i]
         image = np.asarray(images[i]).astype(np.float32) / 255.0
         pred = np.asarray(preds[i]).astype(bool)
-        overlay = image.copy()
-        overlay[pred] = 0.45 * overlay[pred] + 0.55 * np.array([1.0, 0.1, 0.1])
-        ax.imshow(overlay)
-        target = np.asarray(targets[i]).astype(float)
-        if target.any() and target.min() != target.max():
-            ax.contour(target, levels=[0.5], colors=["lime"], linewidths=1.2)
+        target = np.asarray(targets[i]).astype(bool)
+        if pred.shape != image.shape[:2] or target.shape != image.shape[:2]:
+            raise ValueError(
+                f"sample {i}: image (H W 3) = {image.shape}, pred {pred.shape} and target {target.shape} "
+                "must share H W"
+            )
+        shown = np.where(pred[..., None], image, 0.3 * image)
+        ax.imshow(shown)
+        if pred.any() and not pred.all():
+            ax.contour(pred.astype(float), levels=[0.5], colors=["cyan"], linewidths=1.4)
+        if target.any() and not target.all():
+            ax.contour(target.astype(float), levels=[0.5], colors=["lime"], linewidths=1.4, linestyles="dashed")
         title = textwrap.fill(sentences[i], 32)
         if ious is not None:
             title += f"\nIoU {100 * ious[i]:.1f}%"
         ax.set_title(title, fontsize=8)
-    fig.suptitle("red: prediction, green: ground truth", fontsize=9)
+    fig.suptitle("lit + cyan: prediction, dashed lime: ground truth", fontsize=9)
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)

