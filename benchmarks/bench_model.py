@@ -18,10 +18,12 @@ Parameters and FLOPs come from :func:`vlaligner.models.model_report`
 Latency is the median over interleaved rounds (each round times every variant once, in turn,
 so that load on the machine hits all alike), warm-up excluded, under ``torch.inference_mode``;
 the head alone (its inputs captured from the model) is timed the same way, since the whole
-model's time hides the head's. CPU always; CUDA too when a GPU is visible, under
-``torch.autocast`` in ``--cuda-dtype`` (bfloat16 by default).
+model's time hides the head's. CPU always (one thread by default: on the shared 2-core
+development machine two threads gave the tiny model 41-1088 ms per forward, one thread
+25-34 ms); CUDA too when a GPU is visible, under ``torch.autocast`` in ``--cuda-dtype``
+(bfloat16 by default).
 
-    python benchmarks/bench_model.py                               # tiny + swin-b (CPU: ~15 min on 2 loaded cores)
+    python benchmarks/bench_model.py                               # tiny + swin-b (CPU: ~6-10 min)
     python benchmarks/bench_model.py --sizes tiny --runs 30
     python benchmarks/bench_model.py --sizes swin-b --devices cuda --runs 50
 
@@ -285,14 +287,16 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed rounds first (default 3; 1 for swin-b on CPU)")
     parser.add_argument("--kernel-size", type=int, default=3, help="k of the query kernels and of the fixed kernel")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine multi-threaded timings "
+                             "swing tenfold with other jobs; 0 keeps torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     for name in ("runs", "warmup", "threads"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            parser.error(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+        if value is not None and value < (0 if name in ("warmup", "threads") else 1):
+            parser.error(f"--{name} must be >= {0 if name in ('warmup', 'threads') else 1}, got {value}")
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in args.devices and not torch.cuda.is_available():

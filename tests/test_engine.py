@@ -338,6 +338,21 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "model_only")
 
 
+# ------------------------------------------------------------------------------ dice
+def test_soft_dice_loss_bounds_and_gradient():
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:12, 4:12] = 1
+    sure = (target * 40 - 20).unsqueeze(1)[:, :, ::2, ::2]  # (b 1 8 8) logits, resized target
+    assert engine.soft_dice_loss(sure, target).item() < 0.02
+    assert engine.soft_dice_loss(-sure, target).item() > 0.95
+    logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    engine.soft_dice_loss(logits, target).backward()
+    inside = logits.grad[:, 0, 2:6, 2:6]
+    assert (inside < 0).all()  # raising the object's logits lowers the loss
+    with pytest.raises(ValueError, match=r"\(b 1 h w\)"):
+        engine.soft_dice_loss(torch.zeros(2, 8, 8), target)
+
+
 # ------------------------------------------------------------------------------ prediction
 class _FixedLogits(nn.Module):
     """Returns a left-half-positive logit map at a quarter of the input size."""

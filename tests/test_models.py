@@ -111,19 +111,19 @@ def test_small_swin_forward_backward_square_and_non_square():
     model = build_eavl_tiny(**SMALL_SWIN).train()
     assert model.image_encoder.channels_last  # timm's Swin returns (b h w c)
     for size in [(224, 224), (224, 288)]:
-        images, ids, mask = batch(model, size=size)
+        images, ids, mask = batch(model, b=1, size=size)
         out = model(images, ids, mask)
-        assert out.logits.shape == (2, 1, size[0] // 4, size[1] // 4)
+        assert out.logits.shape == (1, 1, size[0] // 4, size[1] // 4)
     assert_every_parameter_gets_gradient(model, out.logits.square().mean())
 
 
 def test_swin_t_with_tiny_bert_forward_backward():
     model = build_eavl_tiny(backbone="swin_tiny_patch4_window7_224", img_size=224).train()
     assert model.image_encoder.channels == (192, 384, 768)
-    images, ids, mask = batch(model, size=(224, 224))
+    images, ids, mask = batch(model, b=1, size=(224, 224))
     out = model(images, ids, mask)
-    assert out.logits.shape == (2, 1, 56, 56)
-    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, torch.ones(2, 224, 224)))
+    assert out.logits.shape == (1, 1, 56, 56)
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, torch.ones(1, 224, 224)))
 
 
 def test_backbone_maps_are_channels_first_at_strides_8_16_32():
@@ -167,7 +167,7 @@ def test_bad_inputs_raise_with_shapes(tiny, change, error, message):
 
 
 # ---------------------------------------------------------------- laws
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), length=st.integers(3, 10))
 def test_ids_under_padding_never_change_the_logits(tiny, seed, length):
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +176,7 @@ def test_ids_under_padding_never_change_the_logits(tiny, seed, length):
     mask = torch.zeros(2, 17, dtype=torch.long)
     mask[0, :length] = 1
     mask[1, : max(2, length // 2)] = 1
-    changed = torch.where(mask.bool(), ids, torch.randint(0, 440, (2, 17), generator=generator))
+    changed = torch.where(mask.bool(), ids, torch.randint(0, len(tiny.tokenizer), (2, 17), generator=generator))
     with torch.no_grad():
         a = tiny(images, ids, mask, return_word_attention=True)
         b = tiny(images, changed, mask, return_word_attention=True)
@@ -185,7 +185,7 @@ def test_ids_under_padding_never_change_the_logits(tiny, seed, length):
 
 
 def test_eval_sample_alone_equals_sample_in_batch(tiny):
-    images, ids, mask = batch(tiny, b=3, sentences=["red", "the small blue box at the top left", "two"])
+    images, ids, mask = batch(tiny, b=3, size=(64, 96), sentences=["red", "the small blue box at the top left", "two"])
     with torch.no_grad():
         together = tiny(images, ids, mask, return_query_masks=True)
         for i in range(3):
@@ -490,3 +490,21 @@ def test_swin_b_builder_numbers(monkeypatch):
     with torch.no_grad():
         out = model(images, ids, mask)
     assert out.logits.shape == (1, 1, 120, 120) and out.query_scores.shape == (1, 24)
+
+
+def test_encode_image_once_then_forward_features_equals_forward(tiny):
+    images, ids, mask = batch(tiny, b=1)
+    sentences = ["the red circle on the left", "a small blue square", "the big one"]
+    ids, mask = tiny.tokenize(sentences)
+    with torch.no_grad():
+        features = tiny.encode_image(images)
+        reused = tiny.forward_features(features.expand(3), ids, mask, return_query_masks=True)
+        direct = tiny(images.expand(3, -1, -1, -1), ids, mask, return_query_masks=True)
+    torch.testing.assert_close(reused.logits, direct.logits)
+    torch.testing.assert_close(reused.query_masks, direct.query_masks)
+    with pytest.raises(ValueError, match="batch sizes must match, got image_features: 1, input_ids: 3"):
+        tiny.forward_features(features, ids, mask)
+    with pytest.raises(TypeError, match="image_features must be the ImageFeatures of encode_image"):
+        tiny.forward_features([images], ids, mask)
+    with pytest.raises(ValueError, match="expand needs features of one image"):
+        tiny.encode_image(torch.randn(2, 3, SIZE, SIZE)).expand(3)

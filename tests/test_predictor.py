@@ -328,3 +328,13 @@ def test_fixed_head_has_no_queries(tmp_path):
     assert not fixed.has_queries
     with pytest.raises(ValueError, match="no per-query masks .*without return_queries"):
         fixed.predict(_rgb(20, 30), "a box", return_queries=True)
+
+
+def test_image_is_encoded_once_for_many_sentences(predictor, monkeypatch):
+    calls = []
+    encode = predictor.model.encode_image
+    monkeypatch.setattr(predictor.model, "encode_image", lambda images: calls.append(images.shape) or encode(images))
+    forward_calls = []
+    monkeypatch.setattr(predictor.model, "forward", lambda *a, **k: forward_calls.append(1))
+    out = predictor.predict(_rgb(40, 50), ["one", "two", "three", "four"])
+    assert len(out) == 4 and calls == [torch.Size([1, 3, IMG, IMG])] and forward_calls == []

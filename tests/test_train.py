@@ -293,3 +293,12 @@ def test_torchrun_two_processes(synthetic, tmp_path):
     log = (out / "train.log").read_text()
     assert "2 process(es) x 2 accumulation x 1 per step" in log
     assert "[rank 1]" not in log  # only rank 0 writes the log
+
+
+def test_overwrite_starts_from_scratch(synthetic, tmp_path):
+    out = tmp_path / "run"
+    assert train_eavl.main(_argv(synthetic, out, "--max-steps", "2", "--save-every", "1")) == 0
+    assert train_eavl.main(_argv(synthetic, out, "--max-steps", "1", "--overwrite", "--seed", "1")) == 0
+    assert [r["step"] for r in _rows(out / "losses.jsonl")] == [1]
+    assert engine.load_checkpoint(out / "best")["step"] == 1  # no stale best/ of the first run
+    assert engine.load_checkpoint(out / "last")["args"]["seed"] == 1

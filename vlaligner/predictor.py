@@ -481,12 +481,22 @@ class Predictor:
         return [str(i) for i in ids]
 
     @torch.inference_mode()
+    def _encode_once(self, pixels: torch.Tensor) -> Optional[Any]:
+        """Encode the image a single time when the model can reuse it (``EAVL.encode_image``)."""
+        encode = getattr(self.model, "encode_image", None)
+        if not callable(encode) or not callable(getattr(self.model, "forward_features", None)):
+            return None
+        with self._autocast():
+            return encode(pixels.to(self.device, torch.float32).unsqueeze(0))
+
+    @torch.inference_mode()
     def _run(
         self,
         pixels: torch.Tensor,
         sentences: List[str],
         size: Tuple[int, int],
         return_queries: bool,
+        image_features: Optional[Any] = None,
     ) -> List[Prediction]:
         input_ids, attention_mask = self.model.tokenize(sentences)
         input_ids = input_ids.to(self.device)
@@ -495,13 +505,22 @@ class Predictor:
         # One image, b sentences: the same pixels for every row, expanded without a copy.
         images = pixels.to(self.device, torch.float32).unsqueeze(0).expand(b, -1, -1, -1)
         with self._autocast():
-            out = self.model(
-                images,
-                input_ids,
-                attention_mask,
-                return_query_masks=return_queries,
-                return_word_attention=return_queries,
-            )
+            if image_features is not None:  # the image was encoded once for all sentences
+                out = self.model.forward_features(
+                    image_features.expand(b),
+                    input_ids,
+                    attention_mask,
+                    return_query_masks=return_queries,
+                    return_word_attention=return_queries,
+                )
+            else:
+                out = self.model(
+                    images,
+                    input_ids,
+                    attention_mask,
+                    return_query_masks=return_queries,
+                    return_word_attention=return_queries,
+                )
         input_size = tuple(images.shape[-2:])
         probability = logits_to_probability(out.logits, size, input_size=input_size)[:, 0]  # (b H W)
         if return_queries and (out.query_masks is None or out.word_attention is None):
@@ -559,10 +578,11 @@ class Predictor:
             raise ValueError(_NO_QUERIES)
         rgb, pixels = self.preprocess(image)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        image_features = self._encode_once(pixels)
         results: List[Prediction] = []
         for start in range(0, len(sentences), _SENTENCE_CHUNK):
             chunk = sentences[start : start + _SENTENCE_CHUNK]
-            results.extend(self._run(pixels, chunk, size, bool(return_queries)))
+            results.extend(self._run(pixels, chunk, size, bool(return_queries), image_features))
         return results[0] if single else results
 
     def __repr__(self) -> str:

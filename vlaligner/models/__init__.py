@@ -23,7 +23,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from .builders import BUILDERS, build_eavl_swin_b, build_eavl_tiny
 from .decoder import TransformerDecoder, TransformerDecoderLayer, sine_positional_encoding_2d
-from .eavl import EAVL, EAVLOutput
+from .eavl import EAVL, EAVLOutput, ImageFeatures
 from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone
 from .report import model_report
 from .text_encoder import TextEncoder
@@ -32,6 +32,7 @@ from .tokenizer import TINY_VOCAB_PATH, load_tiny_tokenizer
 __all__ = [
     "EAVL",
     "EAVLOutput",
+    "ImageFeatures",
     "build_eavl_swin_b",
     "build_eavl_tiny",
     "BUILDERS",

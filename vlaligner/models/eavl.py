@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -82,6 +82,33 @@ class EAVLOutput:
     query_scores: Optional[torch.Tensor] = None
     query_masks: Optional[torch.Tensor] = None
     word_attention: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ImageFeatures:
+    """An encoded image batch, so that several sentences can reuse one image encoding.
+
+    Attributes:
+        maps: three maps ``(b c_i h_i w_i)`` at strides 8, 16 and 32 (stage 4 refined by the
+            attention pooling).
+        global_vision: ``(b c4)`` the global vision feature ``F_g``.
+    """
+
+    maps: List[torch.Tensor]
+    global_vision: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.global_vision.shape[0]
+
+    def expand(self, batch_size: int) -> "ImageFeatures":
+        """Repeat a single encoded image ``batch_size`` times (a view, no copy)."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs features of one image, got a batch of {self.batch_size}")
+        return ImageFeatures(
+            maps=[m.expand(batch_size, -1, -1, -1) for m in self.maps],
+            global_vision=self.global_vision.expand(batch_size, -1),
+        )
 
 
 class EAVL(nn.Module):
@@ -189,12 +216,9 @@ class EAVL(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def _check_inputs(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> None:
-        for name, value in (("images", images), ("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (b 3 H W), got shape {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -208,6 +232,11 @@ class EAVL(nn.Module):
                 f"tile the input exactly), got images of shape {tuple(images.shape)}; resize or pad "
                 f"to e.g. {tuple(-(-s // INPUT_MULTIPLE) * INPUT_MULTIPLE for s in (height, width))}"
             )
+
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, image_name: str) -> None:
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (b l), got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
@@ -217,9 +246,9 @@ class EAVL(nn.Module):
                 f"attention_mask must have the shape of input_ids (b l) = {tuple(input_ids.shape)}, "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        if input_ids.shape[0] != images.shape[0]:
+        if input_ids.shape[0] != batch_size:
             raise ValueError(
-                f"batch sizes must match, got images: {images.shape[0]}, input_ids: {input_ids.shape[0]}"
+                f"batch sizes must match, got {image_name}: {batch_size}, input_ids: {input_ids.shape[0]}"
             )
         limit = getattr(self.text_encoder.language_model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and input_ids.shape[1] > limit:
@@ -253,8 +282,56 @@ class EAVL(nn.Module):
         Returns:
             :class:`EAVLOutput` with ``logits (b 1 H/4 W/4)``.
         """
-        self._check_inputs(images, input_ids, attention_mask)
+        self._check_images(images)
+        self._check_text(input_ids, attention_mask, images.shape[0], "images")
+        return self._decode(
+            self._encode_image(images), input_ids, attention_mask,
+            return_query_masks=return_query_masks, return_word_attention=return_word_attention,
+        )
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Run the image encoder alone: ``(b 3 H W)`` -> :class:`ImageFeatures`.
+
+        With :meth:`forward_features`, one image is encoded once for several sentences
+        (``encode_image(img).expand(num_sentences)``), as :class:`vlaligner.Predictor` does.
+        """
+        self._check_images(images)
+        return self._encode_image(images)
+
+    def forward_features(
+        self,
+        image_features: ImageFeatures,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        return_query_masks: bool = False,
+        return_word_attention: bool = False,
+    ) -> EAVLOutput:
+        """:meth:`forward` from an already encoded image batch (same outputs, exactly)."""
+        if not isinstance(image_features, ImageFeatures):
+            raise TypeError(
+                f"image_features must be the ImageFeatures of encode_image, got {type(image_features).__name__}"
+            )
+        self._check_text(input_ids, attention_mask, image_features.batch_size, "image_features")
+        return self._decode(
+            image_features, input_ids, attention_mask,
+            return_query_masks=return_query_masks, return_word_attention=return_word_attention,
+        )
+
+    def _encode_image(self, images: torch.Tensor) -> ImageFeatures:
         feats, global_vision = self.image_encoder(images)
+        return ImageFeatures(maps=list(feats), global_vision=global_vision)
+
+    def _decode(
+        self,
+        image_features: ImageFeatures,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        return_query_masks: bool,
+        return_word_attention: bool,
+    ) -> EAVLOutput:
+        feats, global_vision = image_features.maps, image_features.global_vision
         words, sentence = self.text_encoder(input_ids, attention_mask)
         word_mask = attention_mask.bool()
         fused = self.neck(feats, sentence)
