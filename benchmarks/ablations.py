@@ -177,7 +177,8 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
     try:  # the settings the run really used (preset values included)
         used = json.loads((run_dir / "last" / "training_state.json").read_text())["args"]
         used = {k: used.get(k) for k in ("model", "batch_size", "lr", "img_size", "max_steps", "augment",
-                                         "synthetic_images", "dataset", "device", "amp")}
+                                         "synthetic_images", "dataset", "device", "amp", "dice_weight",
+                                         "threads", "num_workers")}
     except (OSError, ValueError, KeyError):
         used = None
     record = {
@@ -232,6 +233,7 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
     ref = meta["reference_queries"]
     used = meta.get("used") or {}  # what the runs really used (the preset's values included)
     data = meta["data"]
+    loss = f"BCE + {used['dice_weight']:g} x Dice" if used.get("dice_weight") else "BCE"
     if meta["data"] == "synthetic" and used.get("synthetic_images"):
         data = f"synthetic RefCOCO-layout set ({used['synthetic_images']} images, generation seed 0)"
     head = "| " + " | ".join(METRICS) + " | train+eval min |"
@@ -242,7 +244,9 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
         f"Command: `{meta['command']}`  ",
         f"Setting: train_eavl.py preset `{meta['preset']}`: model `{used.get('model')}`, {data}, "
         f"{meta['steps']} optimizer steps of batch {used.get('batch_size')} (Adam, lr {used.get('lr')}, poly "
-        f"decay), input {used.get('img_size')}, augmentation {'on' if used.get('augment') else 'off'}, seed(s) "
+        f"decay), loss {loss}, "
+        f"input {used.get('img_size')}, augmentation {'on' if used.get('augment') else 'off'}, "
+        f"{used.get('threads') or 'default'} thread(s), seed(s) "
         f"{', '.join(map(str, meta['seeds']))}, device {used.get('device')}. Every configuration: same data, "
         f"same seed, same steps. Metrics (percent) of the final model on `{meta['val_split']}`"
         + (f" ({int(samples)} sentences)" if samples else "") + "; ± is the std over seeds.  ",

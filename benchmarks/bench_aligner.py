@@ -60,6 +60,16 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def rounds_for(fns: Dict[str, Callable[[], object]], device: torch.device, args) -> int:
+    """As many rounds as fit ``--seconds-per-config`` (at least 3, at most ``--rounds``).
+
+    The slowest variant (the per-query loop, at b = 8 and n = 24 over a minute per
+    forward+backward on 2 cores) sets the count, so that the full grid stays affordable.
+    """
+    slowest = max(time_once(fn, device) for fn in fns.values())
+    return int(min(args.rounds, max(3, args.seconds_per_config / max(slowest * len(fns), 1e-9))))
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, rounds: int) -> float:
     """GFLOP/s of one large square ``torch.mm`` (the machine's practical peak)."""
     size = 2048 if device.type == "cpu" else 8192
@@ -123,8 +133,7 @@ def bench_ops(args, device, dtype, mm_gflops) -> List[dict]:
         variants = op_variants(features, weight, bias, scores, backward)
         if args.skip_loop_above and b * n > args.skip_loop_above:
             variants.pop("loop")
-        rounds = args.rounds if size * size * b * n * c * k * k < 5e9 else max(3, args.rounds // 3)
-        medians = interleaved_medians(variants, device, rounds)
+        medians = interleaved_medians(variants, device, rounds_for(variants, device, args))
         pass_factor = 3 if backward else 1
         flops = {
             "loop": 2 * b * n * c * k * k * size * size * pass_factor,
@@ -214,6 +223,8 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[60, 120])
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per configuration")
+    parser.add_argument("--seconds-per-config", type=float, default=20.0,
+                        help="time budget that sets the rounds of one configuration (>= 3 rounds)")
     parser.add_argument("--skip-loop-above", type=int, default=0,
                         help="skip the per-query loop when b*n exceeds this (0: never skip)")
     parser.add_argument("--quick", action="store_true", help="only n = 24, k = 3, c = 256, 120 x 120, b in {1, 8}")
