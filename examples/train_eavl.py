@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import math
-import os
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -168,6 +168,7 @@ def resolve_args(argv: Optional[Sequence[str]] = None, env: Optional[DistEnv] = 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command = " ".join(shlex.quote(a) for a in ["train_eavl.py", *argv])
     if not argv:
         args.demo = True
     env = env or DistEnv.from_environ()
@@ -454,7 +455,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self._barrier()
         setup_logging(self.out, env, append=args.resume)
-        LOG.info("command: %s", " ".join([sys.executable] + sys.argv))
+        LOG.info("command: %s", args.command)
         if args.demo:
             LOG.info("embedded demo: synthetic set, tiny model, %s (see docs/training.md)", args.device)
 

@@ -892,7 +892,7 @@ def plot_training_curves(
             ax_loss.plot(steps[window - 1 :], smooth, lw=1.6, label=f"mean of {window}")
         ax_loss.legend()
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss (BCE)")
+    ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
     for split in sorted({r.get("split", "val") for r in evals}):
         rows = [r for r in evals if r.get("split", "val") == split]
