@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vlaligner import VisionLanguageAligner
-from vlaligner.functional import dynamic_conv2d, fuse_dynamic_kernels, weighted_mask_sum
+from vlaligner.functional import dynamic_conv2d, fuse_dynamic_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,7 +92,7 @@ def loop_conv(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def op_variants(features, weight, bias, scores, backward: bool) -> Dict[str, Callable[[], object]]:
-    """Each variant returns the (b 1 h w) aggregated logits, optionally back-propagated."""
+    """The op in its forms: n masks ``(b n h w)`` by loop or batched, or the fused ``(b 1 h w)``."""
 
     def run(fn):
         def call():
@@ -103,11 +103,10 @@ def op_variants(features, weight, bias, scores, backward: bool) -> Dict[str, Cal
         return call
 
     variants = {
-        "loop": run(lambda: weighted_mask_sum(loop_conv(features, weight, bias), scores)),
-        "unfused": run(lambda: weighted_mask_sum(dynamic_conv2d(features, weight, bias), scores)),
-        "unfused_grouped": run(
-            lambda: weighted_mask_sum(dynamic_conv2d(features, weight, bias, method="grouped"), scores)
-        ),
+        "loop": run(lambda: loop_conv(features, weight, bias)),
+        "unfused": run(lambda: dynamic_conv2d(features, weight, bias)),
+        "unfused_taps": run(lambda: dynamic_conv2d(features, weight, bias, method="taps")),
+        "unfused_grouped": run(lambda: dynamic_conv2d(features, weight, bias, method="grouped")),
         "fused": run(lambda: dynamic_conv2d(features, *fuse_dynamic_kernels(weight, bias, scores))),
         "fused_grouped": run(
             lambda: dynamic_conv2d(features, *fuse_dynamic_kernels(weight, bias, scores), method="grouped")
@@ -115,8 +114,9 @@ def op_variants(features, weight, bias, scores, backward: bool) -> Dict[str, Cal
     }
     if weight.shape[-1] != 1:
         return variants
-    # For 1x1 kernels "grouped" and the default are both plain matmuls; keep the table short.
-    del variants["unfused_grouped"], variants["fused_grouped"]
+    # For 1x1 kernels every method is a plain matmul; keep the table short.
+    for name in ("unfused_taps", "unfused_grouped", "fused_grouped"):
+        del variants[name]
     return variants
 
 
@@ -193,9 +193,12 @@ def markdown(op_rows, aligner_rows, meta) -> str:
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}; "
         f"matmul rate (one {meta['mm_size']} torch.mm): {meta['mm_gflops']:.1f} GFLOP/s", "",
-        "Times are medians of interleaved rounds. GFLOP/s counts the useful multiply-adds of "
-        "each variant (n kernels for loop/unfused, one for fused); `% mm` is that rate over the "
-        "matmul rate; `vs loop` is the loop's time over the variant's.", "",
+        "Times are medians of interleaved rounds. `loop`: one `F.conv2d` per sample and query; "
+        "`unfused`: `dynamic_conv2d` with its automatic method (`_taps`, `_grouped`: forced), "
+        "n masks; `fused`: `fuse_dynamic_kernels` + one `dynamic_conv2d`, the aggregated mask. "
+        "GFLOP/s counts the useful multiply-adds of each variant (n kernels for loop/unfused, "
+        "one for fused); `% mm` is that rate over the matmul rate; `vs loop` is the loop's time "
+        "over the variant's.", "",
         "| k | n | b | h=w | pass | variant | ms | GFLOP/s | % mm | vs loop |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -228,6 +231,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip-loop-above", type=int, default=0,
                         help="skip the per-query loop when b*n exceeds this (0: never skip)")
     parser.add_argument("--quick", action="store_true", help="only n = 24, k = 3, c = 256, 120 x 120, b in {1, 8}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's). On a machine where other processes "
+                             "run, 1 thread gives stable numbers: idle OpenMP threads spin-wait on a busy core")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -237,6 +243,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     mm_gflops = matmul_rate(device, dtype, rounds=args.rounds)
@@ -254,7 +262,8 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"aligner_{device.type}_{args.dtype}{'_quick' if args.quick else ''}"
+        threads = f"_{torch.get_num_threads()}threads" if device.type == "cpu" else ""
+        stem = RESULTS / f"aligner_{device.type}_{args.dtype}{threads}{'_quick' if args.quick else ''}"
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "ops": op_rows, "aligner": aligner_rows}, indent=2))
         stem.with_suffix(".md").write_text(text)
         print(f"wrote {stem}.json and {stem}.md")
