@@ -149,7 +149,7 @@ def poly_lr_factor(step: int, total_steps: int, power: float = 0.9) -> float:
 
 
 class PolyDecay:
-    """A picklable-free, JSON-friendly callable for ``LambdaLR``: polynomial decay per step.
+    """A JSON-friendly callable for ``LambdaLR``: polynomial decay per step.
 
     ``LambdaLR.state_dict`` stores the ``__dict__`` of callable objects (not of functions),
     so ``total_steps`` and ``power`` travel with the scheduler's state.
