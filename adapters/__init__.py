@@ -18,6 +18,7 @@ with its builder patched, including in the worker processes the script spawns.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -39,6 +40,8 @@ __all__ = [
     "run_host_script",
     "resume_in_spawned_child",
     "split_runner_argv",
+    "build_runner_parser",
+    "retrofit_settings",
 ]
 
 #: The two heads every retrofit offers: the aligner, or the host's own fixed kernel.
@@ -240,3 +243,42 @@ def split_runner_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
         i = argv.index("--")
         return argv[:i], argv[i + 1 :]
     return argv, []
+
+
+def build_runner_parser(host: str, checkout: str, own_head: str, *, text_dim: bool = False) -> argparse.ArgumentParser:
+    """The command line shared by the run scripts: host checkout, script, and retrofit switches.
+
+    Unknown options (and everything after ``--``) are left for the host's own script.
+    """
+    parser = argparse.ArgumentParser(
+        description=f"Run {host}'s train.py / test.py with the Vision-Language Aligner retrofitted. "
+        f"Unknown options (and everything after --) go to {host}'s script.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--host-root", required=True, type=Path, help=f"path to a {checkout} checkout")
+    parser.add_argument("--script", default="train.py", help=f"{host} script to run (train.py or test.py)")
+    parser.add_argument("--head", default="aligner", choices=HEADS, help=f"aligner, or {host}'s own {own_head}")
+    parser.add_argument("--num-queries", type=int, default=24, help="n, the aligner's queries")
+    parser.add_argument("--kernel-size", type=int, default=3, help="odd size of each query kernel")
+    parser.add_argument("--no-estimator", action="store_true", help="weight the n masks 1/n each")
+    parser.add_argument("--query-dim", type=int, default=None, help="query width (default: decoder width)")
+    if text_dim:
+        parser.add_argument("--text-dim", type=int, default=None, help="word width (default 768 / BERT's)")
+    parser.add_argument("--no-global-vision", action="store_true", help="queries without F_g (ablation)")
+    parser.add_argument("--keep-cwd", action="store_true", help="do not cd into the checkout")
+    return parser
+
+
+def retrofit_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The JSON-friendly settings a run script hands to its (possibly spawned) patch."""
+    retrofit = {
+        "head": args.head,
+        "num_queries": args.num_queries,
+        "kernel_size": args.kernel_size,
+        "use_estimator": not args.no_estimator,
+        "query_dim": args.query_dim,
+        "use_global_vision": not args.no_global_vision,
+    }
+    if hasattr(args, "text_dim"):
+        retrofit["text_dim"] = args.text_dim
+    return {"host_root": str(Path(args.host_root).expanduser().resolve()), "retrofit": retrofit}

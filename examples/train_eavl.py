@@ -57,7 +57,7 @@ PAPER_DEFAULTS: dict[str, Any] = dict(
 # The embedded demo: the tiny model on the synthetic set, tuned for about ten minutes on
 # 2 CPU cores (see docs/training.md for how these numbers were chosen).
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="tiny", epochs=9, batch_size=16, lr=3e-4, img_size=128, output_dir="runs/demo",
+    model="tiny", epochs=8, batch_size=16, lr=3e-4, img_size=128, output_dir="runs/demo",
     device="cpu", synthetic_images=800, dice_weight=1.0,
     # One compute thread and one loader process: on 2 shared cores two OpenMP threads slow
     # down 3x as soon as anything else runs (measured); the loader uses the other core.

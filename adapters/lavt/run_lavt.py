@@ -41,8 +41,9 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from adapters import (  # noqa: E402  (the repo root must be importable first)
-    HEADS,
+    build_runner_parser,
     resume_in_spawned_child,
+    retrofit_settings,
     run_host_script,
     split_runner_argv,
 )
@@ -87,39 +88,13 @@ def _wrap_builder(original: Any, retrofit: Any, retrofit_kwargs: Dict[str, Any])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Run LAVT's train.py / test.py with the Vision-Language Aligner retrofitted. "
-        "Unknown options (and everything after --) go to LAVT's script.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--host-root", required=True, type=Path, help="path to a LAVT-RIS checkout")
-    parser.add_argument("--script", default="train.py", help="LAVT script to run (train.py or test.py)")
-    parser.add_argument("--head", default="aligner", choices=HEADS, help="aligner, or LAVT's own conv1_1")
-    parser.add_argument("--num-queries", type=int, default=24, help="n, the aligner's queries")
-    parser.add_argument("--kernel-size", type=int, default=3, help="odd size of each query kernel")
-    parser.add_argument("--no-estimator", action="store_true", help="weight the n masks 1/n each")
-    parser.add_argument("--query-dim", type=int, default=None, help="query width (default: decoder width)")
-    parser.add_argument("--text-dim", type=int, default=None, help="word width (default 768 / BERT's)")
-    parser.add_argument("--no-global-vision", action="store_true", help="queries without F_g (ablation)")
-    parser.add_argument("--keep-cwd", action="store_true", help="do not cd into the checkout")
-    return parser
+    return build_runner_parser("LAVT", "LAVT-RIS", "conv1_1", text_dim=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     own, host_args = split_runner_argv(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(own)
-    settings = {
-        "host_root": str(Path(args.host_root).expanduser().resolve()),
-        "retrofit": {
-            "head": args.head,
-            "num_queries": args.num_queries,
-            "kernel_size": args.kernel_size,
-            "use_estimator": not args.no_estimator,
-            "query_dim": args.query_dim,
-            "text_dim": args.text_dim,
-            "use_global_vision": not args.no_global_vision,
-        },
-    }
+    settings = retrofit_settings(args)
     passed: List[str] = [*unknown, *host_args]
     run_host_script(
         globals(), host="LAVT", host_root=args.host_root, script=args.script, argv=passed,
