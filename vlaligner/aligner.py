@@ -7,7 +7,7 @@ features), H W space of the masks (h * 2**num_upsamples).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +53,10 @@ class VisionLanguageAligner(nn.Module):
         use_estimator: False gives every query the weight 1/n (the paper's ablation).
         num_upsamples: rounds of 2x upsampling before the kernels (2 in EAVL: stride 16 -> 4).
         mask_channels: channels the kernels act on (default: halved per upsampling round).
+        hidden_channels: the up-projection's width after each round (default: halving;
+            CRIS's Projector: ``(512, 256)`` with ``mask_channels=256``).
+        mask_bias_init: initial bias of each query's mask (a foreground prior, see
+            :class:`MultiMaskGenerator`).
         norm_layer: normalisation used in the up-projection.
     """
 
@@ -66,12 +70,15 @@ class VisionLanguageAligner(nn.Module):
         use_estimator: bool = True,
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
+        hidden_channels: Optional[Sequence[int]] = None,
+        mask_bias_init: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         self.mask_generator = MultiMaskGenerator(
             in_channels=in_channels, query_dim=query_dim, kernel_size=kernel_size,
-            num_upsamples=num_upsamples, mask_channels=mask_channels, norm_layer=norm_layer,
+            num_upsamples=num_upsamples, mask_channels=mask_channels,
+            hidden_channels=hidden_channels, mask_bias_init=mask_bias_init, norm_layer=norm_layer,
         )
         self.estimator = (
             MultiQueryEstimator(query_dim=query_dim, num_heads=num_heads) if use_estimator else None
@@ -122,6 +129,8 @@ class FixedKernelHead(nn.Module):
         kernel_size: odd size of the fixed kernel.
         num_upsamples: rounds of 2x upsampling before the kernel.
         mask_channels: channels the kernel acts on (default: halved per upsampling round).
+        hidden_channels: the up-projection's width after each round (default: halving).
+        mask_bias_init: initial bias of the fixed kernel (the same foreground prior).
     """
 
     def __init__(
@@ -131,6 +140,8 @@ class FixedKernelHead(nn.Module):
         kernel_size: int = 1,
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
+        hidden_channels: Optional[Sequence[int]] = None,
+        mask_bias_init: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -139,11 +150,14 @@ class FixedKernelHead(nn.Module):
         self.in_channels = in_channels
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
-            norm_layer=norm_layer,
+            hidden_channels=hidden_channels, norm_layer=norm_layer,
         )
         self.classifier = nn.Conv2d(
             self.projection.out_channels, 1, kernel_size, padding=kernel_size // 2
         )
+        if mask_bias_init:
+            with torch.no_grad():
+                self.classifier.bias.fill_(float(mask_bias_init))
 
     def forward(
         self,

@@ -5,12 +5,12 @@ Axis legend: b batch, c channels, h w space.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["NormLayer", "conv_norm_act", "UpProjection"]
+__all__ = ["NormLayer", "conv_norm_act", "UpProjection", "halving_schedule"]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -29,9 +29,11 @@ def conv_norm_act(
 class UpProjection(nn.Module):
     """The paper's Eq. 11 up-projection: ``num_upsamples`` rounds of 2x upsampling + 3x3 conv.
 
-    Each round halves the channels (as CRIS's Projector does); a final 1x1 convolution gives
-    ``out_channels``. With ``num_upsamples=0`` and ``out_channels`` equal to ``in_channels``
-    it is the identity.
+    ``hidden_channels`` is the channel schedule: the output width of each round's 3x3
+    convolution (one entry per round). By default each round halves the channels; CRIS's
+    Projector is ``in_channels=512, hidden_channels=(512, 256), out_channels=256`` (512 -> 512
+    -> 256, then a 1x1 convolution to 256). A final 1x1 convolution gives ``out_channels``.
+    With ``num_upsamples=0`` and ``out_channels`` equal to ``in_channels`` it is the identity.
 
     Shapes: ``(b in_channels h w) -> (b out_channels h*2**u w*2**u)``.
     """
@@ -42,20 +44,29 @@ class UpProjection(nn.Module):
         in_channels: int,
         num_upsamples: int = 0,
         out_channels: Optional[int] = None,
+        hidden_channels: Optional[Sequence[int]] = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         if num_upsamples < 0:
             raise ValueError(f"num_upsamples must be >= 0, got {num_upsamples}")
+        schedule = halving_schedule(in_channels, num_upsamples) if hidden_channels is None else [
+            int(c) for c in hidden_channels
+        ]
+        if len(schedule) != num_upsamples or any(c < 1 for c in schedule):
+            raise ValueError(
+                f"hidden_channels must give one positive width per upsampling round "
+                f"({num_upsamples}), got {list(hidden_channels or [])}"
+            )
         layers: list[nn.Module] = []
         channels = in_channels
-        for _ in range(num_upsamples):
-            next_channels = max(channels // 2, 1)
+        for next_channels in schedule:
             layers += [
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                 conv_norm_act(channels, next_channels, 3, norm_layer=norm_layer),
             ]
             channels = next_channels
+        self.hidden_channels = tuple(schedule)
         self.out_channels = channels if out_channels is None else out_channels
         if num_upsamples > 0 or self.out_channels != channels:
             layers.append(nn.Conv2d(channels, self.out_channels, 1))
@@ -64,3 +75,12 @@ class UpProjection(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
+
+
+def halving_schedule(in_channels: int, num_upsamples: int) -> list[int]:
+    """The default channel schedule of :class:`UpProjection`: halve once per round (at least 1)."""
+    out, channels = [], in_channels
+    for _ in range(num_upsamples):
+        channels = max(channels // 2, 1)
+        out.append(channels)
+    return out

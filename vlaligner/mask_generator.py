@@ -5,7 +5,7 @@ Axis legend: b batch, n queries, c channels, d query width, h w space, k kernel 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,8 +31,13 @@ class MultiMaskGenerator(nn.Module):
         kernel_size: odd k (3 as CRIS; 1 works too).
         num_upsamples: rounds of 2x upsampling in the up-projection (0: none, 2: the paper's
             stride 16 -> 4).
-        mask_channels: channels c the kernels act on; defaults to ``in_channels`` halved
-            once per upsampling round.
+        mask_channels: channels c the kernels act on; defaults to the last width of the
+            up-projection (``in_channels`` halved once per upsampling round).
+        hidden_channels: the up-projection's width after each round (default: halving).
+        mask_bias_init: initial bias of every query's mask (its logit before any training);
+            a negative value is a foreground prior (``log(p / (1 - p))`` for a referred
+            object covering a share ``p`` of the pixels) that spares a from-scratch model the
+            first phase of learning "background everywhere". 0 keeps the plain initialisation.
         norm_layer: normalisation used in the up-projection.
     """
 
@@ -44,6 +49,8 @@ class MultiMaskGenerator(nn.Module):
         kernel_size: int = 3,
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
+        hidden_channels: Optional[Sequence[int]] = None,
+        mask_bias_init: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -54,10 +61,14 @@ class MultiMaskGenerator(nn.Module):
         self.kernel_size = kernel_size
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
-            norm_layer=norm_layer,
+            hidden_channels=hidden_channels, norm_layer=norm_layer,
         )
         self.mask_channels = self.projection.out_channels
         self.param_proj = nn.Linear(query_dim, self.mask_channels * kernel_size**2 + 1)
+        self.mask_bias_init = float(mask_bias_init)
+        if self.mask_bias_init:
+            with torch.no_grad():  # the last output is the bias b_i of Eq. 12
+                self.param_proj.bias[-1].fill_(self.mask_bias_init)
 
     def kernels(
         self, features: torch.Tensor, queries: torch.Tensor

@@ -48,6 +48,10 @@ class FusionNeck(nn.Module):
 
     Resampling goes to the middle map's exact size (bilinear up, adaptive average down), so
     odd sizes work too; at exact strides it is the paper's 2x upsampling and 2x2 pooling.
+
+    ``fuse_kernel_size`` is the kernel of the two convolutions after each concatenation
+    (Eq. 3): 1 as CRIS's ``FPN`` (``f1_v_proj``-style 1x1 ``conv_layer``s), 3 for more spatial
+    context in a small from-scratch model.
     """
 
     def __init__(
@@ -57,9 +61,12 @@ class FusionNeck(nn.Module):
         dim: int,
         sentence_dim: Optional[int] = None,
         use_coords: bool = True,
+        fuse_kernel_size: int = 3,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
+        if fuse_kernel_size < 1 or fuse_kernel_size % 2 == 0:
+            raise ValueError(f"fuse_kernel_size must be a positive odd integer, got {fuse_kernel_size}")
         if len(in_channels) != 3:
             raise ValueError(f"in_channels must list three channel counts, got {in_channels}")
         c2, c3, c4 = (int(c) for c in in_channels)
@@ -71,8 +78,9 @@ class FusionNeck(nn.Module):
         self.sentence_proj = (
             nn.Sequential(nn.Linear(sentence_dim, dim), nn.ReLU()) if sentence_dim else None
         )
-        self.fuse3 = conv_norm_act(2 * dim, dim, 3, norm_layer=norm_layer)
-        self.fuse2 = conv_norm_act(2 * dim, dim, 3, norm_layer=norm_layer)
+        self.fuse_kernel_size = fuse_kernel_size
+        self.fuse3 = conv_norm_act(2 * dim, dim, fuse_kernel_size, norm_layer=norm_layer)
+        self.fuse2 = conv_norm_act(2 * dim, dim, fuse_kernel_size, norm_layer=norm_layer)
         self.aggregate = conv_norm_act(3 * dim, dim, 1, norm_layer=norm_layer)
         self.coord_conv = (
             conv_norm_act(dim + 2, dim, 3, norm_layer=norm_layer) if use_coords else None
