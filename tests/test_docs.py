@@ -28,7 +28,9 @@ DOCUMENTED_MODULES = (
     "vlaligner.metrics",
     "vlaligner.data",
     "vlaligner.models",
-    "vlaligner.engine",
+    "vlaligner.training",
+    "vlaligner.query_diversity",
+    "vlaligner.fileio",
     "vlaligner.predictor",
 )
 

@@ -235,7 +235,7 @@ def test_without_global_vision_the_generator_has_no_global_projection():
     model = build_eavl_tiny(img_size=64, use_global_vision=False)
     assert model.query_generator.global_proj is None and not model.use_global_vision
     assert not [n for n in param_names(model) if "global_proj" in n]
-    c4, d = 256, 64
+    c4, d = 256, 128
     assert count(full) - count(model) == c4 * d + d
     images, ids, mask = batch(model, size=(64, 64))
     assert model.eval()(images, ids, mask).logits.shape == (2, 1, 16, 16)
@@ -246,7 +246,7 @@ def test_without_global_text_the_neck_has_no_sentence_gating():
     model = build_eavl_tiny(img_size=64, use_global_text=False)
     assert model.neck.sentence_proj is None and model.text_encoder.sentence_proj is None
     assert not model.use_global_text and full.use_global_text
-    hidden, d = 128, 64
+    hidden, d = 128, 128
     assert count(full) - count(model) == (hidden * d + d) + (d * d + d)
     images, ids, mask = batch(model, size=(64, 64))
     assert model.eval()(images, ids, mask).logits.shape == (2, 1, 16, 16)
@@ -286,9 +286,15 @@ def test_builder_rejects_bad_arguments(kwargs, message):
 
 def test_tiny_builder_defaults_and_config():
     model = build_eavl_tiny()
-    assert (model.img_size, model.num_queries, model.max_length) == (256, 8, 17)
+    assert (model.img_size, model.num_queries, model.max_length) == (160, 8, 17)
     assert model.image_encoder.channels == (64, 128, 256)
-    assert len(model.decoder.layers) == 1
+    assert len(model.decoder.layers) == 2
+    # the kernels act on 64 channels at stride 4, after two rounds at width 128
+    generator = model.head.mask_generator
+    assert generator.mask_channels == 64 and generator.projection.hidden_channels == (128, 128)
+    assert generator.param_proj.bias[-1].item() == pytest.approx(-2.2)  # the foreground prior
+    assert model.text_encoder.language_model.config.hidden_size == 128
+    assert 4.5e6 < sum(p.numel() for p in model.parameters()) < 5.0e6
     config = model.config
     assert config["builder"] == "eavl_tiny" and config["kwargs"]["num_queries"] == 8
     config["kwargs"]["num_queries"] = 99  # a copy: the model's record is untouched

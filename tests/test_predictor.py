@@ -74,10 +74,10 @@ def test_matches_the_model_at_its_own_size(predictor):
 
 
 def test_same_masks_as_the_evaluation(predictor):
-    """At an odd, non-square size the predictor's mask is the one engine.predict_masks
+    """At an odd, non-square size the predictor's mask is the one vlaligner.training.evaluation.predict_masks
     (the evaluation) makes from the same sample: same preprocessing, same two-step resize."""
     from vlaligner.data import preprocess_image
-    from vlaligner.engine import predict_masks
+    from vlaligner.training.evaluation import predict_masks
 
     h, w = 97, 131
     rgb = _rgb(h, w, seed=8)
@@ -87,7 +87,7 @@ def test_same_masks_as_the_evaluation(predictor):
     batch = {"image": preprocess_image(rgb, IMG)[None], "input_ids": ids, "attention_mask": mask,
              "orig_size": torch.tensor([[h, w]])}
     (expected,) = predict_masks(predictor.model, batch, device="cpu", threshold=predictor.threshold)
-    # the engine compares logits with logit(t), the predictor sigmoid(logits) with t: equal
+    # predict_masks compares logits with logit(t), the predictor sigmoid(logits) with t: equal
     # up to the rounding of pixels sitting exactly on the boundary
     assert (pred.mask != expected.numpy()).mean() < 1e-3
 

@@ -7,8 +7,8 @@ Sub-commands:
     segment    mask the object a sentence refers to; write an overlay PNG (and a grid of
                what each query saw with --queries)
     synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic)
-    train      run examples/train_eavl.py (needs a repository checkout)
-    evaluate   run examples/evaluate.py (needs a repository checkout)
+    train      train a model (vlaligner.training; the options of examples/train_eavl.py)
+    evaluate   evaluate a checkpoint (the options of examples/evaluate.py)
     info       versions, devices, and a checkpoint's configuration
     version    print the version
 
@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-__all__ = ["main", "build_parser", "find_example_script", "UsageError", "EXAMPLES_ENV", "DEBUG_ENV"]
-
-#: Environment variable naming the folder that holds train_eavl.py / evaluate.py.
-EXAMPLES_ENV = "VLALIGNER_EXAMPLES"
+__all__ = ["main", "build_parser", "UsageError", "DEBUG_ENV"]
 
 #: Set to 1 to see the traceback behind a one-line error.
 DEBUG_ENV = "VLALIGNER_DEBUG"
 
-_FORWARDED = {"train": "train_eavl.py", "evaluate": "evaluate.py"}
+#: The commands of the training package, and the example script that runs the same.
+_TRAINING = {"train": "train_eavl.py", "evaluate": "evaluate.py"}
 
 _EPILOG = """examples:
   vlaligner synth data/synth --images 64 --seed 0
@@ -56,43 +53,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> "None":  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-# --------------------------------------------------------------------------------------
-# Locating the example scripts
-# --------------------------------------------------------------------------------------
-
-
-def _candidate_example_dirs() -> List[Path]:
-    dirs = []
-    if os.environ.get(EXAMPLES_ENV):
-        dirs.append(Path(os.environ[EXAMPLES_ENV]))
-    # An editable install or a source checkout: <repo>/vlaligner/cli.py -> <repo>/examples.
-    dirs.append(Path(__file__).resolve().parent.parent / "examples")
-    dirs.append(Path.cwd() / "examples")
-    return dirs
-
-
-def find_example_script(name: str) -> Path:
-    """The path of ``examples/<name>`` in a repository checkout.
-
-    Looked for in ``$VLALIGNER_EXAMPLES``, next to the package's source tree, then in
-    ``./examples``. The scripts are not part of the wheel.
-
-    Raises:
-        UsageError: not found; the message says where it looked and what to do.
-    """
-    tried = _candidate_example_dirs()
-    for directory in tried:
-        script = directory / name
-        if script.is_file():
-            return script
-    looked = ", ".join(str(d) for d in tried)
-    raise UsageError(
-        f"examples/{name} not found (looked in {looked}); the training and evaluation scripts "
-        f"ship with the repository, not the wheel: run from a checkout of vlaligner, or set "
-        f"{EXAMPLES_ENV}=/path/to/vlaligner/examples"
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -120,18 +80,12 @@ def _probability(text: str) -> float:
     return value
 
 
-def _forwarded_parser_kwargs(name: str) -> dict:
-    """help / description of a command that runs an example script."""
-    script = _FORWARDED[name]
-    what = "train a model" if name == "train" else "evaluate a checkpoint on a data split"
+def _training_parser_kwargs(name: str) -> dict:
+    """help / description of ``train`` and ``evaluate`` (their options are the training package's)."""
+    what = "train a model" if name == "train" else "evaluate a checkpoint on data splits"
     return dict(
-        help=f"{what} (runs examples/{script}; needs a repository checkout)",
-        description=(
-            f"{what.capitalize()}: every argument is passed to examples/{script}, so "
-            f"'vlaligner {name} --help' shows that script's options. The script is part of "
-            f"the repository, not the wheel; it is found in ${EXAMPLES_ENV}, next to the "
-            f"package source, or in ./examples."
-        ),
+        help=f"{what} (vlaligner.training; 'vlaligner {name} --help' lists the options)",
+        description=f"{what.capitalize()}: the options of examples/{_TRAINING[name]}.",
         add_help=False,
     )
 
@@ -205,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="square images of this side in pixels; default: varied sizes")
     synth.set_defaults(handler=_cmd_synth)
 
-    for name in _FORWARDED:
-        sub.add_parser(name, **_forwarded_parser_kwargs(name))
+    for name in _TRAINING:
+        sub.add_parser(name, **_training_parser_kwargs(name))
 
     info = sub.add_parser(
         "info",
@@ -366,25 +320,12 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forward_to_script(command: str, rest: Sequence[str]) -> int:
-    """Run examples/<script> with ``rest`` in this Python; return its exit status."""
-    script_name = _FORWARDED[command]
-    try:
-        script = find_example_script(script_name)
-    except UsageError:
-        if any(a in ("-h", "--help") for a in rest):
-            # Help must work even without a checkout: say what the command does and needs.
-            kwargs = _forwarded_parser_kwargs(command)
-            kwargs.pop("help")
-            _Parser(prog=f"vlaligner {command}", usage=f"vlaligner {command} [ARGS ...]",
-                    **kwargs).print_help()
-            print(f"\nexamples/{script_name} was not found; it ships with the repository, not the "
-                  f"wheel. Run from a checkout or set {EXAMPLES_ENV}.")
-            return 0
-        raise
-    # A child process, not runpy: the script owns its process (signals, DataLoader workers,
-    # torch.distributed) exactly as when it is run by hand.
-    return subprocess.call([sys.executable, str(script), *rest])
+def _run_training_command(command: str, rest: Sequence[str]) -> int:
+    """``vlaligner train`` / ``evaluate``: the training package's commands, in this process."""
+    from .training import evaluate_main, train_main
+
+    run = train_main if command == "train" else evaluate_main
+    return run(list(rest), prog=f"vlaligner {command}")
 
 
 # --------------------------------------------------------------------------------------
@@ -393,9 +334,9 @@ def _forward_to_script(command: str, rest: Sequence[str]) -> int:
 
 
 def _run(argv: List[str]) -> int:
-    if argv and argv[0] in _FORWARDED:
-        # Everything after the command belongs to the script, --help included.
-        return _forward_to_script(argv[0], argv[1:])
+    if argv and argv[0] in _TRAINING:
+        # Everything after the command belongs to the training package, --help included.
+        return _run_training_command(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -70,6 +70,8 @@ class MultiQueryGenerator(nn.Module):
         global_vision_dim: width of the global vision feature F_g, or None to build the
             ablation without it.
         grid_size: the (h, w) grid the per-query maps are pooled to before ``W_a``.
+        neck_fuse_kernel_size: kernel of the dense neck's concatenation convolutions (see
+            :class:`~vlaligner.FusionNeck`).
         norm_layer: normalisation used in the convolutions.
     """
 
@@ -82,6 +84,7 @@ class MultiQueryGenerator(nn.Module):
         num_queries: int = 24,
         global_vision_dim: Optional[int] = None,
         grid_size: Tuple[int, int] = (30, 30),
+        neck_fuse_kernel_size: int = 3,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -97,7 +100,7 @@ class MultiQueryGenerator(nn.Module):
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.dense_neck = FusionNeck(
             in_channels=self.vision_channels, dim=dim, sentence_dim=None, use_coords=False,
-            norm_layer=norm_layer,
+            fuse_kernel_size=neck_fuse_kernel_size, norm_layer=norm_layer,
         )
         self.query_maps = nn.Sequential(
             conv_norm_act(dim, dim, 3, norm_layer=norm_layer),

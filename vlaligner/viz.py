@@ -8,6 +8,10 @@ Images are (H W 3) uint8 numpy arrays, masks (H W) bool or (n H W) float probabi
 The overlay is pure numpy and saved with PIL at the image's own size; the grid is drawn
 with matplotlib's Agg canvas directly (no pyplot state, no display needed), imported only
 when a grid is drawn.
+
+Training pictures live here too: ``plot_training_curves`` (loss and validation metric per
+step, from a run's logs) and ``save_prediction_grid`` (validation samples with the predicted
+and the true outline).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from .fileio import read_jsonl
 
 if TYPE_CHECKING:  # matplotlib is imported where a grid is drawn
     from matplotlib.figure import Figure
@@ -38,6 +44,8 @@ __all__ = [
     "render_query_grid",
     "save_overlay",
     "save_query_grid",
+    "plot_training_curves",
+    "save_prediction_grid",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -385,3 +393,108 @@ def save_query_grid(
     )
     fig.savefig(out)
     return panels
+
+
+def plot_training_curves(
+    losses_path: PathLike, metrics_path: PathLike, out_path: PathLike, *, metric: str = "mIoU"
+) -> Path:
+    """Plot the training loss per step and the validation ``metric`` per evaluation to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    losses = read_jsonl(Path(losses_path))
+    evals = [r for r in read_jsonl(Path(metrics_path)) if metric in r.get("metrics", {})]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if losses:
+        steps = [r["step"] for r in losses]
+        values = [r["loss"] for r in losses]
+        ax_loss.plot(steps, values, lw=0.8, alpha=0.5, label="loss")
+        if len(values) >= 10:
+            window = max(2, len(values) // 20)
+            kernel = np.ones(window) / window
+            smooth = np.convolve(values, kernel, mode="valid")
+            ax_loss.plot(steps[window - 1 :], smooth, lw=1.6, label=f"mean of {window}")
+        ax_loss.legend()
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    for split in sorted({r.get("split", "val") for r in evals}):
+        rows = [r for r in evals if r.get("split", "val") == split]
+        ax_metric.plot([r["step"] for r in rows], [r["metrics"][metric] for r in rows], "o-", label=split)
+    if evals:
+        ax_metric.legend()
+    ax_metric.set_xlabel("step")
+    ax_metric.set_ylabel(f"{metric} (%)")
+    ax_metric.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def save_prediction_grid(
+    out_path: PathLike,
+    images: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    sentences: Sequence[str],
+    *,
+    ious: Optional[Sequence[float]] = None,
+) -> Path:
+    """A PNG with one panel per sample: the prediction lit and outlined, the truth outlined.
+
+    Outside the predicted mask the image is darkened (whatever the objects' colours, the
+    prediction stands out); the prediction's outline is cyan, the ground truth's dashed lime.
+
+    Args:
+        images: ``(H W 3)`` uint8 each.
+        preds, targets: ``(H W)`` bool each, the size of their image.
+        sentences: the referring expression of each sample (the panel title).
+        ious: optional IoU (0-1) of each sample, shown under its sentence.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    n = len(images)
+    if not (len(preds) == len(targets) == len(sentences) == n) or n == 0:
+        raise ValueError(
+            f"need as many images, preds, targets and sentences (>= 1), got {n}, {len(preds)}, "
+            f"{len(targets)}, {len(sentences)}"
+        )
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        image = np.asarray(images[i]).astype(np.float32) / 255.0
+        pred = np.asarray(preds[i]).astype(bool)
+        target = np.asarray(targets[i]).astype(bool)
+        if pred.shape != image.shape[:2] or target.shape != image.shape[:2]:
+            raise ValueError(
+                f"sample {i}: image (H W 3) = {image.shape}, pred {pred.shape} and target {target.shape} "
+                "must share H W"
+            )
+        shown = np.where(pred[..., None], image, 0.3 * image)
+        ax.imshow(shown)
+        if pred.any() and not pred.all():
+            ax.contour(pred.astype(float), levels=[0.5], colors=["cyan"], linewidths=1.4)
+        if target.any() and not target.all():
+            ax.contour(target.astype(float), levels=[0.5], colors=["lime"], linewidths=1.4, linestyles="dashed")
+        title = textwrap.fill(sentences[i], 32)
+        if ious is not None:
+            title += f"\nIoU {100 * ious[i]:.1f}%"
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("lit + cyan: prediction, dashed lime: ground truth", fontsize=9)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cache import default_cache_dir, ensure_synthetic_set
 from .collate import collate_ref_batch
+from .layout import check_data_root
 from .refer import (
     DATASET_SPLITS,
     DEFAULT_MAX_LENGTH,
@@ -38,6 +40,9 @@ __all__ = [
     "load_refs",
     "decode_segmentation",
     "collate_ref_batch",
+    "check_data_root",
+    "default_cache_dir",
+    "ensure_synthetic_set",
     "generate_synthetic_refcoco",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

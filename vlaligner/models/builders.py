@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
@@ -24,7 +24,7 @@ from ..neck import FusionNeck
 from ..query_generator import MultiQueryGenerator
 from .decoder import TransformerDecoder
 from .eavl import INPUT_MULTIPLE, EAVL
-from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone
+from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone, load_backbone_weights
 from .text_encoder import TextEncoder
 from .tokenizer import has_tokenizer_files, load_tiny_tokenizer, load_tokenizer
 
@@ -39,18 +39,20 @@ BERT_BASE_CONFIG: Dict[str, Any] = dict(
     num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
     type_vocab_size=2,
 )
-#: The tiny model's BERT: 2 layers of width 128 over the embedded vocabulary (465 tokens).
+#: The tiny model's BERT: 2 layers of width 128 (4 heads, FFN 512) over the embedded vocabulary.
 TINY_BERT_CONFIG: Dict[str, Any] = dict(
-    model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=256, max_position_embeddings=64, type_vocab_size=2,
+    model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=512, max_position_embeddings=64, type_vocab_size=2,
 )
-#: The tiny model's backbone: timm ConvNeXt with one block per stage (two in stage 3) and widths
-#: 32/64/128/256. Its 4x4 patchify stem costs far less on CPU than a ResNet's 7x7 stem + max
-#: pool (measured side by side with depths 1/1/1/1: 0.37 s vs 0.60 s per training step at
-#: batch 8, 256 x 256, one thread; 0.41 s with the extra stage-3 block), and
-#: LayerNorm keeps samples independent in training too.
+#: The tiny model's backbone: timm ConvNeXt with widths 32/64/128/256 and depths 1/1/2/1 (random
+#: init). Its 4x4 patchify stem makes it the cheapest of those measured for a training step at
+#: 160 x 160, batch 16, one thread (CPU seconds: this 1.15, ImageNet MobileNetV2 2.0,
+#: ResNet-18 2.5; docs/training.md), and LayerNorm keeps samples independent in training.
 TINY_BACKBONE = "convnext_atto"
 TINY_BACKBONE_KWARGS: Dict[str, Any] = dict(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+#: Initial mask logit of the tiny model: log(p / (1 - p)) for p = 0.1, about the share of
+#: pixels a referred object covers in the synthetic set.
+TINY_MASK_BIAS_INIT = -2.2
 
 
 # ---------------------------------------------------------------------- text side
@@ -153,6 +155,10 @@ def _assemble(
     dropout: float,
     aligner_heads: int,
     max_length: int,
+    mask_channels: Optional[int] = None,
+    up_channels: Optional[Sequence[int]] = None,
+    neck_fuse_kernel_size: int = 3,
+    mask_bias_init: float = 0.0,
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -172,10 +178,14 @@ def _assemble(
     text_encoder = TextEncoder(
         language_model=language_model, dim=dim, sentence_dim=dim if use_global_text else None
     )
-    neck = FusionNeck(in_channels=(c2, c3, c4), dim=dim, sentence_dim=dim if use_global_text else None)
+    neck = FusionNeck(
+        in_channels=(c2, c3, c4), dim=dim, sentence_dim=dim if use_global_text else None,
+        fuse_kernel_size=neck_fuse_kernel_size,
+    )
     generator = MultiQueryGenerator(
         vision_channels=(c2, c3, c4), text_dim=dim, dim=dim, num_queries=num_queries,
         global_vision_dim=c4 if use_global_vision else None, grid_size=grid,
+        neck_fuse_kernel_size=neck_fuse_kernel_size,
     )
     decoder = TransformerDecoder(
         dim=dim, num_layers=decoder_layers, num_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout
@@ -183,10 +193,14 @@ def _assemble(
     if head == "aligner":
         head_module: nn.Module = VisionLanguageAligner(
             in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
-            use_estimator=use_estimator, num_upsamples=2,
+            use_estimator=use_estimator, num_upsamples=2, mask_channels=mask_channels,
+            hidden_channels=up_channels, mask_bias_init=mask_bias_init,
         )
     else:
-        head_module = FixedKernelHead(in_channels=dim, kernel_size=kernel_size, num_upsamples=2)
+        head_module = FixedKernelHead(
+            in_channels=dim, kernel_size=kernel_size, num_upsamples=2, mask_channels=mask_channels,
+            hidden_channels=up_channels, mask_bias_init=mask_bias_init,
+        )
     return EAVL(
         image_encoder=image_encoder, text_encoder=text_encoder, neck=neck, query_generator=generator,
         decoder=decoder, head=head_module, tokenizer=tokenizer, img_size=img_size,
@@ -282,42 +296,60 @@ def build_eavl_swin_b(
 
 def build_eavl_tiny(
     *,
-    img_size: int = 256,
+    img_size: int = 160,
     num_queries: int = 8,
     head: str = "aligner",
     use_estimator: bool = True,
     use_global_vision: bool = True,
     use_global_text: bool = True,
     kernel_size: int = 3,
-    dim: int = 64,
+    dim: int = 128,
+    mask_channels: int = 64,
+    up_channels: Sequence[int] = (128, 128),
     backbone: str = TINY_BACKBONE,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
+    backbone_weights: Optional[PathLike] = None,
     text_model: Optional[str] = None,
     text_model_config: Optional[Dict[str, Any]] = None,
-    decoder_layers: int = 1,
+    decoder_layers: int = 2,
+    decoder_heads: int = 8,
+    ffn_dim: int = 512,
+    dropout: float = 0.0,
+    neck_fuse_kernel_size: int = 3,
+    mask_bias_init: float = TINY_MASK_BIAS_INIT,
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
 ) -> EAVL:
-    """A small EAVL that trains on a 2-core CPU; the same code path as the paper's model.
+    """A small EAVL that trains from scratch on a 2-core CPU; the same code path as the paper's.
 
-    Numbers: timm ConvNeXt with depths 1/1/2/1 and widths 32/64/128/256 (random init; the
-    model reads 64/128/256 channels at strides 8/16/32); BERT with 2 layers, width 128, 2 heads, FFN 256 over the embedded WordPiece
-    vocabulary; width 64, N = 8, 1 decoder layer with 4 heads and FFN 256, dropout 0.1;
-    estimator with 4 heads, k = 3; 256 x 256 inputs.
+    Numbers (defaults, chosen by measurement: docs/training.md): :data:`TINY_BACKBONE` with
+    :data:`TINY_BACKBONE_KWARGS` (random init unless ``backbone_weights``); a 2-layer BERT of
+    width 128 (4 heads, FFN 512) over the embedded WordPiece vocabulary; width 128, N = 8;
+    decoder 2 layers, 8 heads, FFN 512; the up-projection to stride 4 at width 128, then 1x1
+    to the 64 channels the k = 3 query kernels act on; 160 x 160 inputs; the masks start at
+    the foreground prior :data:`TINY_MASK_BIAS_INIT`.
 
     Args:
         img_size: training side (multiple of 32).
         num_queries, head, use_estimator, use_global_vision, use_global_text, kernel_size: the
             ablation switches (module docstring).
-        dim: model width D (a multiple of 4 for the sine encoding and of 4 heads).
+        dim: model width D (a multiple of 4 for the sine encoding and of the heads).
+        mask_channels: channels the query kernels act on.
+        up_channels: the up-projection's width after each of its two rounds.
         backbone, backbone_kwargs: timm model and its arguments; ``backbone_kwargs`` defaults to
             :data:`TINY_BACKBONE_KWARGS` only for the default backbone (e.g.
             ``backbone="swin_tiny_patch4_window7_224", img_size=224`` gives Swin-T).
+        backbone_weights: a local file of ImageNet weights for the backbone (timm or
+            torchvision layout, see :func:`~vlaligner.models.image_encoder.load_backbone_weights`),
+            e.g. torchvision's ``mobilenet_v2-b0353104.pth`` with ``backbone="mobilenetv2_100"``.
+            Only the initialisation: not recorded (a checkpoint holds the trained weights).
         text_model: None (the tiny BERT) or a local ``transformers`` folder loaded with its
             weights (e.g. a MiniLM); a hub name is loaded only from the local cache.
         text_model_config: overrides of :data:`TINY_BERT_CONFIG` for the default tiny BERT.
-        decoder_layers: decoder depth (1).
+        decoder_layers, decoder_heads, ffn_dim, dropout: the transformer decoder.
+        neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (3; CRIS: 1).
+        mask_bias_init: initial bias of the masks (a foreground prior; 0 for none).
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
     if backbone_kwargs is None:
@@ -325,9 +357,12 @@ def build_eavl_tiny(
     recorded = _record(
         img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
         use_global_vision=use_global_vision, use_global_text=use_global_text,
-        kernel_size=kernel_size, dim=dim, backbone=backbone, backbone_kwargs=dict(backbone_kwargs),
+        kernel_size=kernel_size, dim=dim, mask_channels=mask_channels,
+        up_channels=tuple(up_channels), backbone=backbone, backbone_kwargs=dict(backbone_kwargs),
         text_model=None if text_model is None else os.fspath(text_model),
         text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
+        decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
         max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
@@ -341,17 +376,23 @@ def build_eavl_tiny(
         language_model = _language_model_from_config(
             {**TINY_BERT_CONFIG, "vocab_size": len(tok), **(text_model_config or {})}
         )
+    backbone_module = create_timm_backbone(backbone, pretrained=False, img_size=img_size, **backbone_kwargs)
+    if backbone_weights is not None:
+        load_backbone_weights(backbone_module, backbone_weights)
     return _assemble(
         builder="eavl_tiny",
         recorded=recorded,
-        backbone=create_timm_backbone(backbone, pretrained=False, img_size=img_size, **backbone_kwargs),
+        backbone=backbone_module,
         language_model=language_model,
         tokenizer=tok,
         img_size=img_size, dim=dim, num_queries=num_queries, head=head,
         use_estimator=use_estimator, use_global_vision=use_global_vision,
         use_global_text=use_global_text, kernel_size=kernel_size,
-        pool_heads=4, decoder_layers=decoder_layers, decoder_heads=4, ffn_dim=256, dropout=0.1,
-        aligner_heads=4, max_length=max_length,
+        pool_heads=8 if dim % 8 == 0 else 4, decoder_layers=decoder_layers,
+        decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
+        aligner_heads=8 if dim % 8 == 0 else 4, max_length=max_length,
+        mask_channels=mask_channels, up_channels=up_channels,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
     )
 
 

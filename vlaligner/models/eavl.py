@@ -20,10 +20,8 @@ name and keyword arguments, library version, format version, SHA-256 of the weig
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -32,6 +30,8 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..fileio import atomic_write_dir, atomic_write_file, atomic_write_text
+from ..fileio import sha256_file as _sha256
 from ..aligner import FixedKernelHead, VisionLanguageAligner
 from ..neck import FusionNeck
 from ..query_generator import MultiQueryGenerator
@@ -371,9 +371,9 @@ class EAVL(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = _plain_state_dict(self)
         metadata = {"format": "pt", "vlaligner_version": __version__, "format_version": str(FORMAT_VERSION)}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata=metadata))
-        _atomic_dir(directory / TOKENIZER_DIR, lambda path: self.tokenizer.save_pretrained(str(path)))
-        _atomic_dir(
+        atomic_write_file(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata=metadata))
+        atomic_write_dir(directory / TOKENIZER_DIR, lambda path: self.tokenizer.save_pretrained(str(path)))
+        atomic_write_dir(
             directory / TEXT_CONFIG_DIR,
             lambda path: self.text_encoder.language_model.config.save_pretrained(str(path)),
         )
@@ -385,7 +385,7 @@ class EAVL(nn.Module):
             "weights_sha256": _sha256(directory / WEIGHTS_NAME),
         }
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+        atomic_write_text(directory / CONFIG_NAME, text)
         return directory
 
     @classmethod
@@ -520,42 +520,6 @@ def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             seen.add(pointer)
         state[key] = tensor
     return state
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    # A plain name (not mkstemp's 0600 file), so the result gets the usual permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_dir(path: Path, write) -> None:
-    """Fill a fresh temporary folder, then swap it in, so no stale file of an older save stays."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save of this same process id
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_config(path: Path, expected: str) -> Dict[str, Any]:

@@ -12,14 +12,15 @@ token as the global vision feature ``F_g`` and the rest, reshaped, as the refine
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["AttentionPool2d", "ImageEncoder", "create_timm_backbone", "FEATURE_STRIDES"]
+__all__ = ["AttentionPool2d", "ImageEncoder", "create_timm_backbone", "load_backbone_weights", "FEATURE_STRIDES"]
 
 #: Strides of the three backbone maps EAVL uses (stages 2-4 of Swin).
 FEATURE_STRIDES: Tuple[int, int, int] = (8, 16, 32)
@@ -66,6 +67,61 @@ def create_timm_backbone(
             f"got strides {reductions}"
         )
     return model
+
+
+def load_backbone_weights(backbone: nn.Module, path: Any) -> Dict[str, int]:
+    """Load a local ImageNet weight file into a ``features_only`` timm backbone (offline).
+
+    The file may be in the backbone's own (timm) layout, or in another layout of the same
+    network whose tensors come in the same order (torchvision's ``mobilenet_v2-b0353104.pth``
+    for timm's ``mobilenetv2_100``, torchvision's ResNets for timm's): then the tensors are
+    matched in order, and every pair must have the same shape. Tensors the backbone does not
+    have (the classifier, layers after its last stage) are dropped. ``.safetensors`` files
+    are read with safetensors; other files with ``torch.load(weights_only=True)``, which
+    refuses arbitrary pickled objects.
+
+    Returns:
+        ``{"loaded": n, "dropped": m}``: tensors loaded, tensors of the file left unused.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file does not fit the backbone (names the first mismatch).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights {str(path)!r} do not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"backbone weights {path}: not a readable weight file ({error})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights {path}: expected a dict of tensors, got {type(state).__name__}")
+    own = backbone.state_dict()
+    if all(k in state for k in own):
+        mapped = {k: state[k] for k in own}
+    else:
+        theirs = list(state.items())
+        if len(theirs) < len(own):
+            raise ValueError(
+                f"backbone weights {path}: {len(theirs)} tensors, but the backbone has {len(own)}"
+            )
+        mapped = {}
+        for (key, value), (their_key, tensor) in zip(own.items(), theirs):
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"backbone weights {path} do not fit the backbone: in order, {their_key} "
+                    f"{tuple(tensor.shape)} would load into {key} {tuple(value.shape)}"
+                )
+            mapped[key] = tensor
+    backbone.load_state_dict(mapped, strict=True)
+    return {"loaded": len(mapped), "dropped": len(state) - len(mapped)}
 
 
 class AttentionPool2d(nn.Module):

@@ -1,4 +1,5 @@
-"""Tests of the training/evaluation engine pieces with small stand-in modules.
+"""Tests of the training package's pieces (schedule, sampler, RNG, checkpoints, evaluation)
+and of the losses and pictures training uses, with small stand-in modules.
 
 Axis legend: b batch, l words, h w logit grid, S input size, H W original size.
 """
@@ -16,23 +17,21 @@ import pytest
 import torch
 from torch import nn
 
-from vlaligner import engine
-from vlaligner.engine import (
-    DistEnv,
-    ShardedSampler,
-    atomic_write_dir,
-    build_poly_scheduler,
-    capture_rng_state,
+from vlaligner.fileio import atomic_write_dir, resolve_checkpoint_dir
+from vlaligner.losses import soft_dice_loss
+from vlaligner.training.checkpoint import (
     flatten_state,
     load_checkpoint,
     load_model_weights,
-    poly_lr_factor,
-    predict_masks,
-    resolve_checkpoint_dir,
-    restore_rng_state,
     save_checkpoint,
     unflatten_state,
 )
+from vlaligner.training.distributed import DistEnv
+from vlaligner.training.evaluation import format_metrics_table, predict_masks
+from vlaligner.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from vlaligner.training.sampler import ShardedSampler
+from vlaligner.training.schedule import build_poly_scheduler, poly_lr_factor
+from vlaligner.viz import plot_training_curves, save_prediction_grid
 
 torch.set_num_threads(1)
 
@@ -166,13 +165,13 @@ def _draw():
 
 
 def test_rng_state_round_trip_through_flattened_json():
-    engine.seed_everything(11)
+    seed_everything(11)
     np.random.randn()  # leave a cached gaussian in numpy's state
     state = capture_rng_state()
     skeleton, tensors = flatten_state(state)
     assert tensors["state.torch"].dtype == torch.uint8
     first = _draw()
-    engine.seed_everything(999)
+    seed_everything(999)
     restore_rng_state(unflatten_state(json.loads(json.dumps(skeleton)), tensors))
     assert _draw() == first
 
@@ -343,14 +342,14 @@ def test_soft_dice_loss_bounds_and_gradient():
     target = torch.zeros(2, 16, 16)
     target[:, 4:12, 4:12] = 1
     sure = (target * 40 - 20).unsqueeze(1)[:, :, ::2, ::2]  # (b 1 8 8) logits, resized target
-    assert engine.soft_dice_loss(sure, target).item() < 0.02
-    assert engine.soft_dice_loss(-sure, target).item() > 0.95
+    assert soft_dice_loss(sure, target).item() < 0.02
+    assert soft_dice_loss(-sure, target).item() > 0.95
     logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
-    engine.soft_dice_loss(logits, target).backward()
+    soft_dice_loss(logits, target).backward()
     inside = logits.grad[:, 0, 2:6, 2:6]
     assert (inside < 0).all()  # raising the object's logits lowers the loss
     with pytest.raises(ValueError, match=r"\(b 1 h w\)"):
-        engine.soft_dice_loss(torch.zeros(2, 8, 8), target)
+        soft_dice_loss(torch.zeros(2, 8, 8), target)
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -392,7 +391,7 @@ def test_predict_masks_original_and_input_size():
 
 
 def test_format_metrics_table_rows():
-    table = engine.format_metrics_table(
+    table = format_metrics_table(
         {"val": {"oIoU": 12.345, "mIoU": 50.0, "Pr@0.5": 1.0}, "testA": {"oIoU": 3.0}}
     )
     lines = table.splitlines()
@@ -408,12 +407,12 @@ def test_plot_curves_and_prediction_grid(tmp_path):
         f.write('{"step": 30, "lo')  # a line cut by a crash is skipped
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 10, "split": "val", "metrics": {"mIoU": 10.0}}) + "\n")
-    out = engine.plot_training_curves(tmp_path / "losses.jsonl", tmp_path / "metrics.jsonl", tmp_path / "c.png")
+    out = plot_training_curves(tmp_path / "losses.jsonl", tmp_path / "metrics.jsonl", tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = np.zeros((20, 30, 3), np.uint8)
     mask = np.zeros((20, 30), bool)
     mask[5:10, 5:10] = True
-    grid = engine.save_prediction_grid(tmp_path / "p.png", [img, img], [mask, ~mask], [mask, mask], ["a", "b"], ious=[1.0, 0.0])
+    grid = save_prediction_grid(tmp_path / "p.png", [img, img], [mask, ~mask], [mask, mask], ["a", "b"], ious=[1.0, 0.0])
     assert grid.stat().st_size > 1000
     with pytest.raises(ValueError, match="as many images"):
-        engine.save_prediction_grid(tmp_path / "q.png", [img], [mask, mask], [mask], ["a"])
+        save_prediction_grid(tmp_path / "q.png", [img], [mask, mask], [mask], ["a"])

@@ -1,0 +1,408 @@
+"""The command lines of training and evaluation: options, presets, and their checks.
+
+``build_train_parser`` / ``resolve_train_args`` serve ``examples/train_eavl.py`` and
+``vlaligner train``; ``build_eval_parser`` / ``resolve_eval_args`` serve
+``examples/evaluate.py`` and ``vlaligner evaluate``. Resolving is cheap (no model, no data),
+so that a mistake fails before any heavy work, with a message that names the option and the
+value received (``UsageError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from ..data.cache import default_cache_dir
+from ..data.layout import check_data_root
+from ..fileio import read_json_file, resolve_checkpoint_dir
+from .checkpoint import TRAINING_STATE_JSON
+from .distributed import DistEnv
+from .outputs import OutputDirError, check_output_dir
+from .recipes import RECIPE_FIELDS, RECIPES, resolve_recipe
+
+__all__ = [
+    "UsageError", "DATASETS", "DEFAULT_SPLIT_BY", "SPLIT_BYS", "PAPER_DEFAULTS", "DEMO_DEFAULTS",
+    "build_train_parser", "resolve_train_args", "build_eval_parser", "resolve_eval_args", "SPLITS",
+]
+
+
+class UsageError(ValueError):
+    """A command-line mistake, reported before any heavy work."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (not usage + message) and exits 2."""
+
+    def error(self, message: str) -> "None":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+SPLIT_BYS = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+
+# The paper's run (spec section 7); used for every option the command line leaves unset.
+# The optimisation itself (optimizer, lr, warm-up, ...) comes from the model's recipe.
+PAPER_DEFAULTS: Dict[str, Any] = dict(
+    model="swin-b", epochs=40, batch_size=32, img_size=None, output_dir=None,
+    device="auto", synthetic_images=800, num_workers=4, threads=None,
+)
+# The embedded demo: the tiny model on the synthetic set, tuned for about ten minutes on
+# 2 CPU cores (see docs/training.md for how these numbers were chosen).
+DEMO_DEFAULTS: Dict[str, Any] = dict(
+    model="tiny", epochs=5, batch_size=16, img_size=128, output_dir="runs/demo",
+    device="cpu", synthetic_images=800,
+    # One compute thread and one loader process: on 2 shared cores two OpenMP threads slow
+    # down 3x as soon as anything else runs (measured); the loader uses the other core.
+    num_workers=1, threads=1,
+)
+
+
+# ============================================================================ arguments
+def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
+    """The command line (options whose default depends on --demo default to None here)."""
+    p = OneLineParser(
+        prog=prog,
+        description="Train EAVL for referring image segmentation, from one CPU to many GPUs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With no arguments at all the embedded demo runs (same as --demo).",
+    )
+    g = p.add_argument_group("preset")
+    g.add_argument("--demo", action="store_true",
+                   help="the embedded demo: synthetic set, tiny model, CPU, ~10 min; explicit options "
+                        f"still override it (demo values: {DEMO_DEFAULTS})")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("tiny", "swin-b"), default=None,
+                   help="architecture (default swin-b; tiny with --demo)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start Swin-B / BERT from pretrained weights available offline (timm / HF cache)")
+    g.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="start from the weights of an EAVL checkpoint folder (fine-tuning)")
+    g.add_argument("--num-queries", type=int, default=None, help="N queries (paper 24; ablation 1-32)")
+    g.add_argument("--head", choices=("aligner", "fixed"), default="aligner",
+                   help="aligner (dynamic query kernels) or the fixed-kernel baseline of table III")
+    g.add_argument("--no-estimator", action="store_true", help="equal query weights 1/N (no Multi-Query Estimator)")
+    g.add_argument("--no-global-vision", action="store_true", help="ablation without F_g in Eq. 8")
+    g.add_argument("--no-global-text", action="store_true", help="ablation without F_s in Eq. 2")
+    g.add_argument("--kernel-size", type=int, default=None, help="dynamic kernel size k (default 3)")
+    g.add_argument("--model-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help="extra keyword arguments for the builder, e.g. '{\"dim\": 64}'")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", type=Path, default=None,
+                   help="root of the refer layout (refcoco/, images/mscoco/...); without it the synthetic "
+                        "set is generated once into --cache-dir")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"where the synthetic set lives (default {default_cache_dir()})")
+    g.add_argument("--synthetic-images", type=int, default=None, help="images in the synthetic set (default 800)")
+    g.add_argument("--dataset", default="refcoco", help=f"one of {', '.join(DATASETS)} (default refcoco)")
+    g.add_argument("--split-by", default=None, help="unc (RefCOCO/+), umd or google (G-Ref); default per data set")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val", help="split evaluated during training (best checkpoint)")
+    g.add_argument("--img-size", type=int, default=None, help="input side S (default: the model's, 480 for Swin-B)")
+    g.add_argument("--augment", action="store_true", help="random flip that swaps left/right in the sentence")
+    g.add_argument("--train-samples", type=int, default=None, metavar="N",
+                   help="use only the first N training samples (quick runs)")
+    g.add_argument("--val-samples", type=int, default=None, metavar="N",
+                   help="evaluate on the first N validation samples only (quick runs)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data loading processes per training process (default 4; 1 with --demo)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (also the length of the lr schedule)")
+    g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch per optimizer step (default 32)")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches accumulated per step; per-process batch = batch-size / (world x accum)")
+    g.add_argument("--batch-per-step", type=int, default=None,
+                   help="per-process micro-batch instead of --grad-accum (accum = batch-size / (world x this))")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="named training recipe (default: paper-finetune for swin-b, scratch-small for tiny; "
+                        "see docs/training.md); the options below override its fields")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default=None, help="recipe field: optimizer")
+    g.add_argument("--lr", type=float, default=None, help="recipe field: base learning rate")
+    g.add_argument("--weight-decay", type=float, default=None, help="recipe field: weight decay")
+    g.add_argument("--warmup-steps", type=int, default=None, help="recipe field: linear warm-up steps")
+    g.add_argument("--poly-power", type=float, default=None, help="recipe field: polynomial decay power, per step")
+    g.add_argument("--clip-grad", type=float, default=None, help="recipe field: clip the gradient norm (0 = off)")
+    g.add_argument("--dice-weight", type=float, default=None,
+                   help="recipe field: add this times a soft Dice loss to the BCE (0 = BCE only, as the paper)")
+    g.add_argument("--mask-bias-init", type=float, default=None,
+                   help="recipe field: initial mask logit of a model built from scratch (foreground prior)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision on GPU (fp16 uses a gradient scaler)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-<dataset> (runs/demo)")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; cpu with --demo)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default torch's; 1 with --demo)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
+    g.add_argument("--save-every", type=int, default=0, help="also save last/ every N steps (0: every epoch only)")
+    g.add_argument("--save-every-minutes", type=float, default=10.0,
+                   help="also save last/ when this many minutes passed since the last save (0: off; default 10)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: worth it for long runs)")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="per-process evaluation batch")
+    g.add_argument("--best-metric", choices=("mIoU", "oIoU"), default="mIoU")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an output dir of an earlier run (removes only that run's own files)")
+    g.add_argument("--find-unused-parameters", action="store_true", help="DDP option for partial graphs")
+    g.add_argument("--log-every", type=int, default=20, help="write a train.log line every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Test hooks: stop as if killed right after step N (after any save due then), and dump
+    # a digest of the parameters of every process at the end.
+    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--debug-param-digest", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_train_args(
+    argv: Optional[Sequence[str]] = None, env: Optional[DistEnv] = None, prog: str = "train_eavl.py"
+) -> argparse.Namespace:
+    """Parse and check the command line; cheap (no model, no data), so mistakes fail fast.
+
+    Raises:
+        UsageError: with a message that names the option and the value received.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_train_parser(prog).parse_args(argv)
+    args.command = " ".join(shlex.quote(a) for a in [prog, *argv])
+    if not argv:
+        args.demo = True
+    env = env or DistEnv.from_environ()
+    preset = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASETS)}")
+    if args.split_by is None:
+        args.split_by = DEFAULT_SPLIT_BY[args.dataset]
+    if args.split_by not in SPLIT_BYS[args.dataset]:
+        raise UsageError(
+            f"--split-by {args.split_by!r} does not exist for {args.dataset}; expected one of "
+            f"{', '.join(SPLIT_BYS[args.dataset])}"
+        )
+    for name in ("epochs", "batch_size", "synthetic_images"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "grad_accum", "batch_per_step", "eval_batch_size", "threads", "stop_after_steps",
+                 "train_samples", "val_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("eval_every", "save_every", "num_workers"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.save_every_minutes < 0:
+        raise UsageError(f"--save-every-minutes must be >= 0, got {args.save_every_minutes}")
+    try:
+        recipe = resolve_recipe(args.model, args.recipe, {k: getattr(args, k) for k in RECIPE_FIELDS})
+    except ValueError as err:
+        raise UsageError(f"--recipe: {err}") from None
+    args.recipe = recipe.name
+    for key, value in recipe.as_dict().items():
+        if key != "name":
+            setattr(args, key, value)
+    args.recipe_fields = recipe.as_dict()
+    if args.img_size is not None and (args.img_size < 32 or args.img_size % 32):
+        raise UsageError(f"--img-size must be a positive multiple of 32 (the backbone's coarsest stride), got {args.img_size}")
+    if args.kernel_size is not None and (args.kernel_size < 1 or args.kernel_size % 2 == 0):
+        raise UsageError(f"--kernel-size must be an odd positive int (same padding), got {args.kernel_size}")
+    if args.num_queries is not None and args.num_queries < 1:
+        raise UsageError(f"--num-queries must be >= 1, got {args.num_queries}")
+    if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+
+    # Global batch = world size x accumulation x per-process micro-batch, exactly.
+    world = env.world_size
+    if args.batch_per_step is not None:
+        per = world * args.batch_per_step
+        if args.batch_size % per:
+            raise UsageError(
+                f"--batch-size {args.batch_size} is not divisible by world size {world} x "
+                f"--batch-per-step {args.batch_per_step} = {per}"
+            )
+        accum = args.batch_size // per
+        if args.grad_accum is not None and args.grad_accum != accum:
+            raise UsageError(
+                f"--grad-accum {args.grad_accum} contradicts --batch-per-step {args.batch_per_step}: "
+                f"{args.batch_size} / ({world} x {args.batch_per_step}) = {accum}"
+            )
+        args.grad_accum = accum
+    else:
+        args.grad_accum = args.grad_accum or 1
+        per = world * args.grad_accum
+        if args.batch_size % per:
+            raise UsageError(
+                f"--batch-size {args.batch_size} is not divisible by world size {world} x "
+                f"--grad-accum {args.grad_accum} = {per}; choose a global batch that is a multiple of {per}"
+            )
+        args.batch_per_step = args.batch_size // per
+    args.world_size = world
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_per_step
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
+    if args.amp != "none" and device.type != "cuda":
+        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device}); use --amp none on CPU")
+
+    if args.data_root is not None:
+        try:
+            check_data_root(args.data_root, args.dataset, args.split_by)
+        except FileNotFoundError as err:
+            raise UsageError(f"--data-root: {err}") from None
+    elif args.dataset != "refcoco" or args.split_by != "unc":
+        raise UsageError(
+            f"without --data-root the synthetic set is used, which has refcoco (unc) only; "
+            f"got --dataset {args.dataset} --split-by {args.split_by}: pass --data-root for real data"
+        )
+    if args.cache_dir is None:
+        args.cache_dir = default_cache_dir()
+    if args.output_dir is None:
+        args.output_dir = Path("runs") / f"{args.model}-{args.dataset}"
+    args.output_dir = Path(args.output_dir)
+    last = args.output_dir / "last"
+    if args.resume and resolve_checkpoint_dir(last) is None:
+        raise UsageError(f"--resume: no checkpoint in {last} (nor {last}.old); run without --resume to start")
+    try:
+        check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite or args.demo)
+    except OutputDirError as err:
+        raise UsageError(str(err)) from None
+    if args.init_from is not None and not (args.init_from / "model.safetensors").is_file():
+        raise UsageError(f"--init-from {args.init_from} has no model.safetensors (an EAVL checkpoint folder)")
+    if args.init_from is not None:
+        inputs = {Path(args.init_from).resolve()}
+        if args.output_dir.resolve() in inputs or any(p in inputs for p in args.output_dir.resolve().parents):
+            raise UsageError(f"--output-dir {args.output_dir} would write over --init-from {args.init_from}")
+    if args.pretrained and args.model != "swin-b":
+        raise UsageError(
+            "--pretrained applies to --model swin-b; the tiny model starts from local weights with "
+            "--model-kwargs '{\"backbone\": \"mobilenetv2_100\", \"backbone_weights\": \"FILE\"}'"
+        )
+    return args
+
+
+# ============================================================================ evaluation
+SPLITS = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+}
+
+
+def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=prog, description="Evaluate an EAVL checkpoint: oIoU, mIoU and Precision@0.5-0.9 per split.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="an EAVL checkpoint folder (e.g. runs/x/best), or a training output dir (uses its best/)")
+    p.add_argument("--data-root", type=Path, default=None, help="root of the refer layout; default: the training run's")
+    p.add_argument("--cache-dir", type=Path, default=None, help="synthetic set folder (without --data-root)")
+    p.add_argument("--synthetic-images", type=int, default=None, help="images of the synthetic set")
+    p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default: the training run's)")
+    p.add_argument("--split-by", default=None, help="unc, umd or google (default per data set)")
+    p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (default val)")
+    p.add_argument("--resized", action="store_true", help="compare at the input size (LAVT) instead of the original size")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="per-process batch")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on GPU")
+    p.add_argument("--output", type=Path, default=None, help="metrics file (default CHECKPOINT/metrics.json)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluate.py") -> argparse.Namespace:
+    """Parse, fill defaults from the training run, and check (cheap: nothing is built)."""
+    args = build_eval_parser(prog).parse_args(argv)
+    ckpt = args.checkpoint
+    if not ckpt.is_dir():
+        raise UsageError(f"--checkpoint {ckpt} does not exist")
+    if not (ckpt / "model.safetensors").is_file():
+        if (ckpt / "best" / "model.safetensors").is_file():
+            ckpt = ckpt / "best"
+        else:
+            raise UsageError(
+                f"--checkpoint {ckpt} holds no model.safetensors (an EAVL checkpoint folder, e.g. OUTPUT_DIR/best)"
+            )
+    args.checkpoint = ckpt
+    trained: dict[str, Any] = {}
+    state_file = ckpt / TRAINING_STATE_JSON
+    if state_file.is_file():
+        try:
+            document = read_json_file(state_file, what="training state")
+        except ValueError as err:
+            raise UsageError(f"--checkpoint: {err}") from None
+        trained = document.get("args", {}) if isinstance(document, dict) else {}
+    if args.data_root is None and args.dataset is None and trained.get("data_root"):
+        args.data_root = Path(trained["data_root"])
+    if args.dataset is None:
+        args.dataset = trained.get("dataset") or "refcoco"
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASETS)}")
+    if args.split_by is None:
+        same = trained.get("dataset") == args.dataset and trained.get("split_by")
+        args.split_by = trained["split_by"] if same else DEFAULT_SPLIT_BY[args.dataset]
+    if (args.dataset, args.split_by) not in SPLITS:
+        raise UsageError(f"--split-by {args.split_by!r} does not exist for {args.dataset}")
+    known = SPLITS[(args.dataset, args.split_by)]
+    for split in args.split:
+        if split not in known:
+            raise UsageError(f"unknown --split {split!r} for {args.dataset} ({args.split_by}); expected {', '.join(known)}")
+    if args.data_root is not None:
+        try:
+            check_data_root(args.data_root, args.dataset, args.split_by)
+        except FileNotFoundError as err:
+            raise UsageError(f"--data-root: {err}") from None
+    else:
+        if (args.dataset, args.split_by) != ("refcoco", "unc"):
+            raise UsageError("without --data-root the synthetic set is used, which has refcoco (unc) only")
+        if args.cache_dir is None:
+            args.cache_dir = Path(trained["cache_dir"]) if trained.get("cache_dir") else default_cache_dir()
+        if args.synthetic_images is None:
+            args.synthetic_images = int(trained.get("synthetic_images", 800))
+    if args.img_size is None and trained.get("img_size"):
+        args.img_size = int(trained["img_size"])
+    if args.img_size is not None and (args.img_size < 32 or args.img_size % 32):
+        raise UsageError(f"--img-size must be a positive multiple of 32, got {args.img_size}")
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
+    if args.amp != "none" and torch.device(args.device).type != "cuda":
+        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+    if args.output is None:
+        args.output = ckpt / "metrics.json"
+    if args.output.resolve().parent == ckpt.resolve() and args.output.name in (
+        "model.safetensors", "config.json", TRAINING_STATE_JSON, "training_state.safetensors"
+    ):
+        raise UsageError(f"--output {args.output} would overwrite a file of the checkpoint itself")
+    return args
+
+
