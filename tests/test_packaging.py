@@ -65,3 +65,45 @@ def test_wheel_installs_and_core_runs_without_extras(tmp_path):
     )
     result = _run([str(py), "-c", script], cwd=tmp_path)
     assert "core-ok" in result.stdout
+
+
+def test_vlaligner_train_and_evaluate_run_from_the_installed_wheel(tmp_path):
+    """``vlaligner train`` / ``evaluate`` need no checkout: the wheel alone, run from elsewhere.
+
+    The wheel goes into a fresh venv's site-packages; the extras (torch, timm, transformers,
+    ...) come from this environment's site-packages through a ``.pth`` line (not a site dir,
+    so this checkout's editable install is not picked up). The run is in ``tmp_path``, far
+    from the repository, and ``vlaligner`` must be imported from the venv.
+    """
+    import site
+    import sysconfig
+
+    pytest.importorskip("timm")
+    pytest.importorskip("pycocotools")
+    wheel_dir = tmp_path / "wheel"
+    _run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)])
+    wheel = next(wheel_dir.glob("vlaligner-*.whl"))
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    py = venv / "bin" / "python"
+    venv_site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(venv_site), str(wheel)])
+    ours = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
+    (venv_site / "zz_extras.pth").write_text("\n".join(dict.fromkeys(ours)) + "\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", VLALIGNER_CACHE=str(tmp_path / "cache"))
+    where = _run([str(py), "-c", "import vlaligner; print(vlaligner.__file__)"], cwd=work, env=env).stdout
+    assert str(venv_site) in where and str(REPO) not in where
+    small = ('{"dim": 32, "mask_channels": 16, "up_channels": [32, 32], "ffn_dim": 64, "decoder_layers": 1, '
+             '"backbone_kwargs": {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}}')
+    train = [str(py), "-m", "vlaligner.cli", "train", "--model", "tiny", "--model-kwargs", small,
+             "--img-size", "64", "--synthetic-images", "8", "--train-samples", "4", "--val-samples", "2",
+             "--batch-size", "2", "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--no-progress",
+             "--output-dir", "run"]
+    _run(train, cwd=work, env=env, timeout=300)
+    assert (work / "run" / "last" / "model.safetensors").is_file()
+    result = _run([str(py), "-m", "vlaligner.cli", "evaluate", "--checkpoint", "run/last", "--num-workers", "0",
+                   "--no-progress"], cwd=work, env=env, timeout=300)
+    assert "mIoU" in result.stdout and (work / "run" / "last" / "metrics.json").is_file()

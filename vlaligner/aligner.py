@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from ._validation import check_dim, check_rank, check_same_batch
-from .functional import dynamic_conv2d, fuse_dynamic_kernels
+from .functional import dynamic_conv2d, fuse_dynamic_kernels, mixture_of_masks_logits
 from .layers import NormLayer, UpProjection
 from .mask_generator import MultiMaskGenerator
 from .query_estimator import MultiQueryEstimator
 
-__all__ = ["AlignerOutput", "VisionLanguageAligner", "FixedKernelHead"]
+__all__ = ["AlignerOutput", "VisionLanguageAligner", "FixedKernelHead", "AGGREGATIONS"]
+
+#: The two readings of Eq. 14 (see :class:`VisionLanguageAligner`).
+AGGREGATIONS = ("logits", "probabilities")
 
 
 @dataclass
@@ -41,9 +44,19 @@ class AlignerOutput:
 class VisionLanguageAligner(nn.Module):
     """Multi-Mask Generator + Multi-Query Estimator + score-weighted aggregation.
 
-    The logits are always computed with the fused kernel ``sum_i s_i K_i`` (one convolution
-    whatever n, in training and inference), which equals the weighted sum of the n masks by
-    linearity. The n masks are computed only when ``return_query_masks=True``.
+    Two readings of the paper's Eq. 14 ("the weighted sum of the masks"), ``aggregation``:
+
+    - ``"logits"`` (default, the spec's): ``Y = sum_i s_i m_i`` on logits, computed with the
+      fused kernel ``sum_i s_i K_i`` (one convolution whatever n, in training and inference),
+      which equals the weighted sum of the n masks by linearity. Because the kernel generator
+      is linear too, ``Y`` then depends on the queries only through their score-weighted mean
+      ``sum_i s_i q_i``: nothing in the loss tells the queries apart, so they are free to
+      collapse into one (docs/training.md, "Query collapse").
+    - ``"probabilities"``: ``sigmoid(Y) = sum_i s_i sigmoid(m_i)``: each query's mask is a whole
+      prediction and the scores mix them, so every query is trained through its own mask (n
+      convolutions, :func:`~vlaligner.functional.mixture_of_masks_logits`).
+
+    The n masks are returned only when ``return_query_masks=True``.
 
     Args:
         in_channels: channels of the incoming features (e.g. the decoder output).
@@ -51,6 +64,7 @@ class VisionLanguageAligner(nn.Module):
         kernel_size: odd k of the query kernels.
         num_heads: attention heads of the estimator.
         use_estimator: False gives every query the weight 1/n (the paper's ablation).
+        aggregation: ``"logits"`` or ``"probabilities"`` (see above).
         num_upsamples: rounds of 2x upsampling before the kernels (2 in EAVL: stride 16 -> 4).
         mask_channels: channels the kernels act on (default: halved per upsampling round).
         hidden_channels: the up-projection's width after each round (default: halving;
@@ -72,9 +86,13 @@ class VisionLanguageAligner(nn.Module):
         mask_channels: Optional[int] = None,
         hidden_channels: Optional[Sequence[int]] = None,
         mask_bias_init: float = 0.0,
+        aggregation: str = "logits",
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation = aggregation
         self.mask_generator = MultiMaskGenerator(
             in_channels=in_channels, query_dim=query_dim, kernel_size=kernel_size,
             num_upsamples=num_upsamples, mask_channels=mask_channels,
@@ -111,6 +129,12 @@ class VisionLanguageAligner(nn.Module):
         """
         projected, weight, bias = self.mask_generator.kernels(features, queries)
         scores = self.scores(queries)
+        if self.aggregation == "probabilities":
+            query_masks = dynamic_conv2d(projected, weight, bias)
+            logits = mixture_of_masks_logits(query_masks, scores)
+            return AlignerOutput(
+                logits=logits, query_scores=scores, query_masks=query_masks if return_query_masks else None
+            )
         fused_weight, fused_bias = fuse_dynamic_kernels(weight, bias, scores)
         logits = dynamic_conv2d(projected, fused_weight, fused_bias)
         query_masks = dynamic_conv2d(projected, weight, bias) if return_query_masks else None

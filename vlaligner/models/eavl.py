@@ -413,7 +413,7 @@ class EAVL(nn.Module):
             ValueError: pickle-only folder, unreadable/tampered weights or config, unknown
                 builder, or weights of another variant (names the first differing tensors).
         """
-        from .builders import BUILDERS
+        from .registry import BUILDERS
 
         directory = Path(directory)
         expected = f"{CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_DIR}/ and {TEXT_CONFIG_DIR}/"

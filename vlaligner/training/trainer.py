@@ -73,7 +73,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         kwargs["img_size"] = args.img_size
     if args.model == "swin-b":
         return build_eavl_swin_b(pretrained=args.pretrained, **kwargs)
-    return build_eavl_tiny(**kwargs)
+    return build_eavl_tiny(pretrained=args.pretrained, **kwargs)
 
 
 def make_datasets(args: argparse.Namespace, model, data_root: Path):
