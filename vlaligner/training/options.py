@@ -36,6 +36,34 @@ class UsageError(ValueError):
     """A command-line mistake, reported before any heavy work."""
 
 
+def _resolve_device(args: argparse.Namespace) -> None:
+    """``--device auto`` -> cuda or cpu; refuse a device that is not there, and AMP without CUDA."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
+    if args.amp != "none" and device.type != "cuda":
+        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device}); use --amp none on CPU")
+
+
+def _check_data_source(args: argparse.Namespace) -> None:
+    """A ``--data-root`` must hold the refer layout; without one only the synthetic set exists."""
+    if args.data_root is not None:
+        try:
+            check_data_root(args.data_root, args.dataset, args.split_by)
+        except FileNotFoundError as err:
+            raise UsageError(f"--data-root: {err}") from None
+    elif (args.dataset, args.split_by) != ("refcoco", "unc"):
+        raise UsageError(
+            f"without --data-root the synthetic set is used, which has refcoco (unc) only; "
+            f"got --dataset {args.dataset} --split-by {args.split_by}: pass --data-root for real data"
+        )
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a mistake in one line (not usage + message) and exits 2."""
 
@@ -254,27 +282,8 @@ def resolve_train_args(
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_per_step
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
-    if args.amp != "none" and device.type != "cuda":
-        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device}); use --amp none on CPU")
-
-    if args.data_root is not None:
-        try:
-            check_data_root(args.data_root, args.dataset, args.split_by)
-        except FileNotFoundError as err:
-            raise UsageError(f"--data-root: {err}") from None
-    elif args.dataset != "refcoco" or args.split_by != "unc":
-        raise UsageError(
-            f"without --data-root the synthetic set is used, which has refcoco (unc) only; "
-            f"got --dataset {args.dataset} --split-by {args.split_by}: pass --data-root for real data"
-        )
+    _resolve_device(args)
+    _check_data_source(args)
     if args.cache_dir is None:
         args.cache_dir = default_cache_dir()
     if args.output_dir is None:
@@ -374,14 +383,8 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
     for split in args.split:
         if split not in known:
             raise UsageError(f"unknown --split {split!r} for {args.dataset} ({args.split_by}); expected {', '.join(known)}")
-    if args.data_root is not None:
-        try:
-            check_data_root(args.data_root, args.dataset, args.split_by)
-        except FileNotFoundError as err:
-            raise UsageError(f"--data-root: {err}") from None
-    else:
-        if (args.dataset, args.split_by) != ("refcoco", "unc"):
-            raise UsageError("without --data-root the synthetic set is used, which has refcoco (unc) only")
+    _check_data_source(args)
+    if args.data_root is None:
         if args.cache_dir is None:
             args.cache_dir = Path(trained["cache_dir"]) if trained.get("cache_dir") else default_cache_dir()
         if args.synthetic_images is None:
@@ -394,12 +397,7 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
         raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
-    if args.amp != "none" and torch.device(args.device).type != "cuda":
-        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+    _resolve_device(args)
     if args.output is None:
         args.output = ckpt / "metrics.json"
     if args.output.resolve().parent == ckpt.resolve() and args.output.name in (

@@ -355,6 +355,7 @@ class Trainer:
         metrics = evaluate(
             self.model, loader, device=self.device, amp_dtype=self.amp_dtype,
             progress=not self.args.no_progress, description=f"eval {self.args.val_split}",
+            query_diversity=True,
         )
         self.last_eval_step = self.step
         score = metrics[self.args.best_metric]
@@ -372,6 +373,13 @@ class Trainer:
                 metrics["Pr@0.7"], metrics["Pr@0.9"], metrics.get("num_samples", 0), time.perf_counter() - t0,
                 " new best" if improved else "",
             )
+            if "query_mask_iou" in metrics:
+                LOG.info(
+                    "query diversity: mask IoU between queries %.3f, score spread %.3f, score entropy %.3f, "
+                    "word-attention entropy %.3f, attention distance %.3f",
+                    metrics["query_mask_iou"], metrics["score_spread"], metrics["score_entropy"],
+                    metrics["attention_entropy"], metrics["attention_distance"],
+                )
             if self.writer is not None:
                 for key, value in metrics.items():
                     self.writer.add_scalar(f"{self.args.val_split}/{key}", value, self.step)
