@@ -133,9 +133,10 @@ def test_a_users_own_files_are_never_touched(tmp_path, capsys, no_model):
 def test_no_arguments_is_the_demo_and_options_override_it():
     args = options.resolve_train_args([])
     assert args.demo and args.model == "tiny" and args.data_root is None and args.device == "cpu"
-    assert args.recipe == "scratch-small" and str(args.output_dir) == "runs/demo"
+    assert args.recipe == "demo" and args.dice_weight == 1.0 and str(args.output_dir) == "runs/demo"
+    assert args.model_kwargs == options.DEMO_MODEL_KWARGS and args.img_size == 128
     args = options.resolve_train_args(["--demo", "--epochs", "1", "--lr", "0.01"])
-    assert args.epochs == 1 and args.lr == 0.01 and args.model == "tiny" and args.recipe == "scratch-small+custom"
+    assert args.epochs == 1 and args.lr == 0.01 and args.model == "tiny" and args.recipe == "demo+custom"
     paper = options.resolve_train_args(["--device", "cpu"])
     assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.poly_power) == ("swin-b", 40, 32, 5e-5, 0.9)
     assert (paper.recipe, paper.optimizer, paper.warmup_steps, paper.clip_grad) == ("paper-finetune", "adam", 0, 0.0)
