@@ -153,7 +153,7 @@ def final_metrics(run_dir: Path, split: str) -> Optional[dict]:
 def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed: int) -> dict:
     """Train + evaluate one configuration (or reuse a finished identical run)."""
     run_dir = Path(args.output_dir) / f"{name}-seed{seed}"
-    record_path = run_dir / "ablation.json"
+    record_path = run_dir.with_name(run_dir.name + ".ablation.json")  # beside the run, as its log
     cmd = train_command(args, settings, run_dir, seed)
     if record_path.is_file() and not args.rerun:
         record = json.loads(record_path.read_text())
@@ -165,18 +165,20 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
     if args.dry_run:
         print(" ".join(cmd))
         return {"name": name, "seed": seed, "status": "dry-run"}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the run folder, not in it: a training run refuses a folder holding files it did not write.
+    stdout_log = run_dir.with_name(run_dir.name + ".stdout.log")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     print(f"[{name} seed {seed}] training: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    with open(run_dir / "ablation_stdout.log", "w") as log:
+    with open(stdout_log, "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)).returncode
     minutes = (time.perf_counter() - t0) / 60
     row = final_metrics(run_dir, args.val_split)
     try:  # the settings the run really used (preset values included)
         used = json.loads((run_dir / "last" / "training_state.json").read_text())["args"]
-        used = {k: used.get(k) for k in ("model", "batch_size", "lr", "img_size", "max_steps", "augment",
+        used = {k: used.get(k) for k in ("model", "batch_size", "lr", "recipe", "optimizer", "img_size", "max_steps", "augment",
                                          "synthetic_images", "dataset", "device", "amp", "dice_weight",
                                          "threads", "num_workers")}
     except (OSError, ValueError, KeyError):
@@ -190,8 +192,8 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     if record["status"] != "ok":
-        tail = (run_dir / "ablation_stdout.log").read_text().splitlines()[-15:]
-        print(f"[{name} seed {seed}] FAILED (exit {code}); last lines of {run_dir / 'ablation_stdout.log'}:",
+        tail = stdout_log.read_text().splitlines()[-15:]
+        print(f"[{name} seed {seed}] FAILED (exit {code}); last lines of {stdout_log}:",
               *tail, sep="\n  ", flush=True)
     else:
         m = record["metrics"]
@@ -243,8 +245,8 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
         "# Ablations at small scale (paper tables II-IV)", "",
         f"Command: `{meta['command']}`  ",
         f"Setting: train_eavl.py preset `{meta['preset']}`: model `{used.get('model')}`, {data}, "
-        f"{meta['steps']} optimizer steps of batch {used.get('batch_size')} (Adam, lr {used.get('lr')}, poly "
-        f"decay), loss {loss}, "
+        f"{meta['steps']} optimizer steps of batch {used.get('batch_size')} (recipe {used.get('recipe')}: "
+        f"{used.get('optimizer')}, lr {used.get('lr')}, poly decay), loss {loss}, "
         f"input {used.get('img_size')}, augmentation {'on' if used.get('augment') else 'off'}, "
         f"{used.get('threads') or 'default'} thread(s), seed(s) "
         f"{', '.join(map(str, meta['seeds']))}, device {used.get('device')}. Every configuration: same data, "

@@ -102,8 +102,8 @@ def test_vlaligner_train_and_evaluate_run_from_the_installed_wheel(tmp_path):
              "--img-size", "64", "--synthetic-images", "8", "--train-samples", "4", "--val-samples", "2",
              "--batch-size", "2", "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--no-progress",
              "--output-dir", "run"]
-    _run(train, cwd=work, env=env, timeout=300)
+    _run(train, cwd=work, env=env, timeout=900)
     assert (work / "run" / "last" / "model.safetensors").is_file()
     result = _run([str(py), "-m", "vlaligner.cli", "evaluate", "--checkpoint", "run/last", "--num-workers", "0",
-                   "--no-progress"], cwd=work, env=env, timeout=300)
+                   "--no-progress"], cwd=work, env=env, timeout=900)
     assert "mIoU" in result.stdout and (work / "run" / "last" / "metrics.json").is_file()
