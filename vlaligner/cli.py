@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "cards without bf16) on GPU, under autocast")
     seg.add_argument("--threshold", type=_probability, default=0.5,
                      help="probability above which a pixel belongs to the mask; default 0.5")
+    seg.add_argument("--no-target-threshold", type=_probability, default=0.5, metavar="P",
+                     help="for a model with a no-target head (generalized, gRefCOCO-style): "
+                          "answer 'no target' (and write an empty mask) when the model's "
+                          "no-target probability is above P; default 0.5")
     seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
                      help="how many most-attended words to show per query; default 3")
     seg.set_defaults(handler=_cmd_segment)
@@ -271,7 +275,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     try:
         predictor = Predictor.from_pretrained(
-            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold
+            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold,
+            no_target_threshold=args.no_target_threshold,
         )
     except (ValueError, KeyError, OSError) as err:
         # A checkpoint with the right files but the wrong contents (edited config.json,
@@ -288,6 +293,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     from vlaligner.viz import save_overlay, save_query_grid
 
+    if pred.no_target:
+        print(f"no target: the model finds nothing in the image that {args.text!r} refers to "
+              f"(no-target probability {pred.no_target_probability:.3f}); the mask is empty")
+    elif pred.no_target is not None:
+        print(f"target found (no-target probability {pred.no_target_probability:.3f})")
     save_overlay(out, rgb, pred.mask)
     h, w = pred.mask.shape
     print(f"wrote {out} ({w}x{h}); mask covers {100.0 * pred.mask.mean():.1f}% of the image")

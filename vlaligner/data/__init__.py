@@ -1,4 +1,4 @@
-"""Referring segmentation data: RefCOCO / RefCOCO+ / G-Ref from disk, transforms, a synthetic set.
+"""Referring segmentation data: RefCOCO / RefCOCO+ / G-Ref / gRefCOCO from disk, transforms, a synthetic set.
 
 Axis legend: b batch, c channels, h w space (model input), H W space (original image),
 l words.
@@ -13,11 +13,14 @@ from .collate import collate_ref_batch
 from .refer import (
     DATASET_SPLITS,
     DEFAULT_MAX_LENGTH,
+    GENERALIZED_DATASETS,
     RefDataset,
     RefSample,
     UnsafePickleError,
     decode_segmentation,
     load_refs,
+    load_refs_json,
+    target_ann_ids,
 )
 from .transforms import (
     IMAGENET_MEAN,
@@ -36,9 +39,13 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "UnsafePickleError",
     "load_refs",
+    "load_refs_json",
+    "target_ann_ids",
+    "GENERALIZED_DATASETS",
     "decode_segmentation",
     "collate_ref_batch",
     "generate_synthetic_refcoco",
+    "generate_synthetic_grefcoco",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_image",
@@ -56,6 +63,10 @@ def __getattr__(name: str) -> Any:
         from .synthetic import generate_synthetic_refcoco
 
         return generate_synthetic_refcoco
+    if name == "generate_synthetic_grefcoco":
+        from .synthetic import generate_synthetic_grefcoco
+
+        return generate_synthetic_grefcoco
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
