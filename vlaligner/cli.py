@@ -6,7 +6,8 @@ Axes (of the arrays this file passes around): n queries, l words, H W image spac
 Sub-commands:
     segment    mask the object a sentence refers to; write an overlay PNG (and a grid of
                what each query saw with --queries)
-    synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic)
+    synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic);
+               --generalized for the gRefCOCO-format one (several objects or none)
     train      run examples/train_eavl.py (needs a repository checkout)
     evaluate   run examples/evaluate.py (needs a repository checkout)
     info       versions, devices, and a checkpoint's configuration
@@ -198,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a small synthetic data set in the RefCOCO layout (refs(unc).p, "
             "instances.json, images), for trying the pipeline without downloading COCO. "
-            "Pass OUT as the data root to training (dataset refcoco, split_by unc)."
+            "Pass OUT as the data root to training (dataset refcoco, split_by unc). With "
+            "--generalized: the gRefCOCO layout (grefs(unc).json, instances.json, "
+            "images/train2014) with sentences that refer to several objects or to none "
+            "(dataset grefcoco, split_by unc)."
         ),
     )
     synth.add_argument("out", metavar="OUT", help="output directory (the data root)")
@@ -207,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files); default 0")
     synth.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                        help="square images of this side in pixels; default: varied sizes")
+    synth.add_argument("--generalized", action="store_true",
+                       help="write a generalized set in the gRefCOCO layout (sentences that refer "
+                            "to several objects or to none; dataset grefcoco, split_by unc)")
     synth.set_defaults(handler=_cmd_synth)
 
     for name in _FORWARDED:
@@ -316,7 +323,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlaligner.data import generate_synthetic_refcoco
+    from vlaligner.data import generate_synthetic_grefcoco, generate_synthetic_refcoco
 
     kwargs = {"num_images": args.images, "seed": args.seed}
     if args.image_size is not None:
@@ -325,11 +332,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT {str(out)!r} is a file; give a directory")
     try:
-        root = generate_synthetic_refcoco(out, **kwargs)
+        generate = generate_synthetic_grefcoco if args.generalized else generate_synthetic_refcoco
+        root = generate(out, **kwargs)
     except (ValueError, TypeError) as err:  # the generator checks its arguments
         raise UsageError(str(err)) from None
+    dataset = "grefcoco" if args.generalized else "refcoco"
     print(f"wrote a synthetic data set of {args.images} images to {root} "
-          f"(use it as the data root with dataset refcoco, split_by unc)")
+          f"(use it as the data root with dataset {dataset}, split_by unc)")
     return 0
 
 

@@ -505,9 +505,10 @@ def _generalized_candidates(
     described = [i for i in range(len(objs)) if singles.get(i)]
     for a_pos, a in enumerate(described):
         for b in described[a_pos + 1:]:
-            first, second = (a, b) if rng.random() < 0.5 else (b, a)
-            text = f"{rng.choice(singles[first])} and {rng.choice(singles[second])}"
-            add("multi", [a, b], text)
+            for _ in range(2):  # two phrasings of the pair (the same one twice is kept once)
+                first, second = (a, b) if rng.random() < 0.5 else (b, a)
+                text = f"{rng.choice(singles[first])} and {rng.choice(singles[second])}"
+                add("multi", [a, b], text)
     return kinds
 
 
@@ -517,18 +518,30 @@ def _pick_refs(
     num_refs: int,
     fractions: dict[str, float],
 ) -> list[tuple[str, frozenset, list[str]]]:
-    """Choose up to ``num_refs`` distinct target sets, each with 1-3 of its texts."""
-    names = list(fractions)
-    probs = np.array([fractions[k] for k in names], dtype=np.float64)
+    """Choose up to ``num_refs`` distinct target sets, each with 1-3 of its texts.
+
+    An image gets at most one no-target ref (all its no-target sentences share the empty
+    target set), with probability ``num_refs * fractions["no_target"]`` (capped at 1), so
+    that about that fraction of all refs has no target; the other slots are multi- or
+    single-target in the ratio of their fractions, falling back to the other kind when the
+    scene has no unused target set of the drawn kind.
+    """
+    total = sum(fractions.values())
+    p_nt = min(1.0, num_refs * fractions["no_target"] / total)
+    rest = fractions["multi"] + fractions["single"]
+    p_multi = fractions["multi"] / rest if rest > 0 else 0.0
+    slots = []
+    if kinds["no_target"] and rng.random() < p_nt:
+        slots.append("no_target")
+    while len(slots) < num_refs:
+        slots.append("multi" if rng.random() < p_multi else "single")
     used: set = set()
     chosen = []
-    for _ in range(num_refs):
-        kind = names[int(rng.choice(len(names), p=probs / probs.sum()))]
-        order = [kind] + [k for k in ("single", "multi") if k != kind]  # fall back to an available kind
+    for kind in slots:
+        order = [kind] if kind == "no_target" else [kind, "single" if kind == "multi" else "multi"]
         for k in order:
-            options = [t for t in kinds[k] if t not in used]
+            options = sorted((t for t in kinds[k] if t not in used), key=sorted)
             if options:
-                options.sort(key=lambda t: sorted(t))
                 targets = options[int(rng.integers(len(options)))]
                 texts = kinds[k][targets]
                 n = min(len(texts), int(rng.integers(1, 4)))
