@@ -29,6 +29,7 @@ DOCUMENTED_MODULES = (
     "vlaligner.no_target",
     "vlaligner.gres_losses",
     "vlaligner.gres_metrics",
+    "vlaligner.gres_eval",
     "vlaligner.data",
     "vlaligner.models",
     "vlaligner.engine",

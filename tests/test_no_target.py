@@ -223,3 +223,46 @@ def test_segment_cli_says_no_target(nt_checkpoint, tmp_path: Path, capsys) -> No
             assert mask.max() == 255
     assert main(["segment", "--checkpoint", str(ckpt), "--image", str(image), "--text", "x",
                  "--out", str(tmp_path / "e.png"), "--no-target-threshold", "2"]) == 2
+
+
+# ------------------------------------------------------------------------------ evaluation
+def test_gres_evaluate(tiny, tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from vlaligner.data import RefDataset, collate_ref_batch, generate_synthetic_grefcoco
+    from vlaligner.gres_eval import gres_evaluate, gres_predict
+    from vlaligner.gres_metrics import gres_metrics
+    from vlaligner.predictor import logits_to_probability
+
+    root = generate_synthetic_grefcoco(tmp_path / "g", num_images=6, seed=1)
+    ds = RefDataset(root, "grefcoco", "unc", "train", tokenizer=tiny.tokenize, img_size=IMG)
+    loader = DataLoader(ds, batch_size=8, collate_fn=collate_ref_batch)
+    flags = torch.tensor([not ds.ref_ann_ids(s.ref_id) for s in ds.samples])
+    n, n_nt = len(ds), int(flags.sum())
+    assert 0 < n_nt < n
+    # A model that always says "no target": every no-target sample scores 1, every other 0.
+    always = gres_evaluate(_with_head(tiny, bias=20.0), loader)
+    assert always["num_samples"] == n
+    assert always["gIoU"] == pytest.approx(100.0 * n_nt / n)
+    assert always["N-acc"] == 100.0 and always["T-acc"] == 0.0 and always["Pr@0.7"] == 0.0
+    model = _with_head(tiny, bias=-20.0)
+    never = gres_evaluate(model, loader)
+    assert never["N-acc"] == 0.0 and never["T-acc"] == 100.0
+    # The masks are the evaluation's (input size, then original size), checked by hand.
+    preds, targets, pred_nt = [], [], []
+    for batch in loader:
+        with torch.no_grad():
+            out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        for i, size in enumerate(batch["orig_size"].tolist()):
+            prob = logits_to_probability(out.logits[i : i + 1], tuple(size), input_size=(IMG, IMG))[0, 0]
+            preds.append(prob > 0.5)
+            targets.append(batch["orig_mask"][i])
+        pred_nt += [False] * len(batch["orig_size"])
+        masks, nt = gres_predict(model, batch)
+        assert not nt.any() and len(masks) == len(batch["orig_size"])
+    expected = gres_metrics(preds, targets, pred_nt, flags)
+    for key, value in expected.items():
+        # sigmoid(x) > 0.5 here, x > 0 there: a float32 sigmoid can round a few pixels to 0.5
+        assert never[key] == pytest.approx(value, rel=1e-4, nan_ok=True), key
+    with pytest.raises(ValueError, match="the model has no no-target head"):
+        gres_evaluate(tiny, loader)
