@@ -25,6 +25,7 @@ from vlaligner.data import (
     decode_segmentation,
     generate_synthetic_grefcoco,
     generate_synthetic_refcoco,
+    missing_data_files,
     target_ann_ids,
 )
 from vlaligner.data.synthetic import COLOURS, SHAPES
@@ -154,6 +155,21 @@ def test_classic_samples_are_never_no_target(tmp_path: Path) -> None:
     ds = RefDataset(root, "refcoco", "unc", "train", img_size=32)
     item = ds[0]
     assert item["no_target"] is False and "ann_ids" not in item and item["mask"].sum() > 0
+
+
+def test_missing_data_files(tmp_path: Path) -> None:
+    root = _make_root(tmp_path / "m")
+    assert missing_data_files(root, "grefcoco", "unc") == []
+    (root / "grefcoco" / "grefs(unc).json").unlink()
+    shutil.rmtree(root / "images")
+    missing = missing_data_files(root, "grefcoco", "unc")
+    assert missing == [
+        f"{root}/grefcoco/grefs(unc).json or {root}/grefcoco/grefs(unc).p",
+        f"{root}/images/train2014 or {root}/images/mscoco/images/train2014",
+    ]
+    assert missing_data_files(root, "refcoco", "unc") == [
+        f"{root}/refcoco/refs(unc).p", f"{root}/refcoco/instances.json", f"{root}/images/mscoco/images/train2014",
+    ]
 
 
 def test_errors(tmp_path: Path) -> None:

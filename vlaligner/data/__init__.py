@@ -20,6 +20,7 @@ from .refer import (
     decode_segmentation,
     load_refs,
     load_refs_json,
+    missing_data_files,
     target_ann_ids,
 )
 from .transforms import (
@@ -41,6 +42,7 @@ __all__ = [
     "load_refs",
     "load_refs_json",
     "target_ann_ids",
+    "missing_data_files",
     "GENERALIZED_DATASETS",
     "decode_segmentation",
     "collate_ref_batch",

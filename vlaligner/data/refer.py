@@ -50,6 +50,7 @@ __all__ = [
     "decode_segmentation",
     "GENERALIZED_DATASETS",
     "target_ann_ids",
+    "missing_data_files",
 ]
 
 # Splits as published: RefCOCO / RefCOCO+ (UNC): testA = people, testB = other objects.
@@ -266,6 +267,28 @@ def target_ann_ids(ann_id: Any, *, where: str = "ref") -> list[int]:
             )
         return []
     return out
+
+
+def missing_data_files(root: PathLike, dataset: str, split_by: str) -> list[str]:
+    """What :class:`RefDataset` would miss under ``root`` (file existence only; cheap).
+
+    For RefCOCO / RefCOCO+ / G-Ref: ``<dataset>/refs(<split_by>).p``, ``<dataset>/instances.json``
+    and ``images/mscoco/images/train2014/``. For gRefCOCO: ``grefcoco/grefs(<split_by>).json``
+    (or ``.p``), ``grefcoco/instances.json`` and ``images/train2014/`` (or the RefCOCO image
+    folder). Returns the missing paths as strings (alternatives joined by " or "), empty
+    when everything is there.
+    """
+    root = Path(root).expanduser()
+    data = root / dataset
+    if dataset in GENERALIZED_DATASETS:
+        alternatives = [
+            [data / f"grefs({split_by}).json", data / f"grefs({split_by}).p"],
+            [data / "instances.json"],
+            [root / d for d in _GREF_IMAGE_SUBDIRS],
+        ]
+    else:
+        alternatives = [[data / f"refs({split_by}).p"], [data / "instances.json"], [root / IMAGE_SUBDIR]]
+    return [" or ".join(str(p) for p in paths) for paths in alternatives if not any(p.exists() for p in paths)]
 
 
 def _safe_file_name(name: Any) -> bool:
