@@ -44,7 +44,8 @@ ANNS = [
     {"id": 11, "image_id": 1, "category_id": 1, "segmentation": _rect(2, 2, 12, 10), "iscrowd": 0},
     {"id": 12, "image_id": 1, "category_id": 1, "segmentation": _rect(20, 4, 30, 20), "iscrowd": 0},
     {"id": 13, "image_id": 1, "category_id": 2, "segmentation": _rect(5, 18, 15, 28), "iscrowd": 1},
-    {"id": 21, "image_id": 2, "category_id": 2, "segmentation": _rect(1, 1, 9, 9), "iscrowd": 0},
+    # a valid box plus a degenerate 2-point polygon, which ReLA's loader drops
+    {"id": 21, "image_id": 2, "category_id": 2, "segmentation": _rect(1, 1, 9, 9) + [[20, 20, 25, 25]], "iscrowd": 0},
 ]
 REFS = [
     # single target, ann_id as a one-element list
@@ -85,7 +86,7 @@ def _make_root(root: Path, *, image_subdir: str = "images/train2014", refs=REFS,
 
 def _ann_mask(ann_id: int) -> np.ndarray:
     ann = next(a for a in ANNS if a["id"] == ann_id)
-    return decode_segmentation(ann["segmentation"], H, W)
+    return decode_segmentation([p for p in ann["segmentation"] if len(p) >= 6], H, W)
 
 
 @pytest.fixture()
@@ -124,6 +125,7 @@ def test_single_multi_and_no_target_samples(gref_root: Path) -> None:
         assert nt["no_target"] is True and nt["ann_ids"] == [] and nt["ann_id"] == -1 and nt["num_targets"] == 0
         assert not nt["orig_mask"].any() and nt["mask"].sum() == 0 and nt["mask"].shape == (32, 32)
     assert box["ann_ids"] == [21] and box["orig_mask"].sum() == int(_ann_mask(21).sum())
+    assert torch.equal(box["orig_mask"], torch.from_numpy(decode_segmentation(_rect(1, 1, 9, 9), H, W)))
     # The crowd region is not part of the target.
     assert crowd["ann_ids"] == [12] and torch.equal(crowd["orig_mask"], torch.from_numpy(_ann_mask(12)))
     assert np.array_equal(ds.ref_mask(1), union) and ds.ref_ann_ids(2) == []

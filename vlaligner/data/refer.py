@@ -554,7 +554,11 @@ class RefDataset(Dataset):
         height, width = int(img["height"]), int(img["width"])
         mask = np.zeros((height, width), dtype=bool)
         for a in self._ref_anns[int(ref_id)]:
-            mask |= decode_segmentation(self.anns[a]["segmentation"], height, width)
+            segmentation = self.anns[a]["segmentation"]
+            if self.generalized and isinstance(segmentation, list):
+                # ReLA's loader drops invalid polygons (fewer than 3 points, odd length).
+                segmentation = [p for p in segmentation if len(p) % 2 == 0 and len(p) >= 6]
+            mask |= decode_segmentation(segmentation, height, width)
         return mask
 
     # ------------------------------------------------------------------ samples
