@@ -266,7 +266,7 @@ def test_error_image_size_mismatch(synth_root: Path, tmp_path: Path) -> None:
         ("refcocog", "umd", "testA", r"unknown split 'testA' for refcocog \(umd\); expected one of \['train', 'val', 'test'\]"),
         ("refcocog", "google", "test", r"unknown split 'test' for refcocog \(google\); expected one of \['train', 'val'\]"),
         ("refcoco", "umd", "val", r"unknown split_by 'umd' for refcoco; expected one of \['unc'\]"),
-        ("coco", "unc", "val", r"unknown dataset 'coco'; expected one of \['refcoco', 'refcoco\+', 'refcocog'\]"),
+        ("coco", "unc", "val", r"unknown dataset 'coco'; expected one of \['refcoco', 'refcoco\+', 'refcocog', 'grefcoco'\]"),
     ],
 )
 def test_error_unknown_names(synth_root: Path, dataset: str, split_by: str, split: str, match: str) -> None:

@@ -6,7 +6,8 @@ Axes (of the arrays this file passes around): n queries, l words, H W image spac
 Sub-commands:
     segment    mask the object a sentence refers to; write an overlay PNG (and a grid of
                what each query saw with --queries)
-    synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic)
+    synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic);
+               --generalized for the gRefCOCO-format one (several objects or none)
     train      train a model (vlaligner.training; the options of examples/train_eavl.py)
     evaluate   evaluate a checkpoint (the options of examples/evaluate.py)
     info       versions, devices, and a checkpoint's configuration
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "cards without bf16) on GPU, under autocast")
     seg.add_argument("--threshold", type=_probability, default=0.5,
                      help="probability above which a pixel belongs to the mask; default 0.5")
+    seg.add_argument("--no-target-threshold", type=_probability, default=0.5, metavar="P",
+                     help="for a model with a no-target head (generalized, gRefCOCO-style): "
+                          "answer 'no target' (and write an empty mask) when the model's "
+                          "no-target probability is above P; default 0.5")
     seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
                      help="how many most-attended words to show per query; default 3")
     seg.set_defaults(handler=_cmd_segment)
@@ -148,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a small synthetic data set in the RefCOCO layout (refs(unc).p, "
             "instances.json, images), for trying the pipeline without downloading COCO. "
-            "Pass OUT as the data root to training (dataset refcoco, split_by unc)."
+            "Pass OUT as the data root to training (dataset refcoco, split_by unc). With "
+            "--generalized: the gRefCOCO layout (grefs(unc).json, instances.json, "
+            "images/train2014) with sentences that refer to several objects or to none "
+            "(dataset grefcoco, split_by unc)."
         ),
     )
     synth.add_argument("out", metavar="OUT", help="output directory (the data root)")
@@ -157,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files); default 0")
     synth.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                        help="square images of this side in pixels; default: varied sizes")
+    synth.add_argument("--generalized", action="store_true",
+                       help="write a generalized set in the gRefCOCO layout (sentences that refer "
+                            "to several objects or to none; dataset grefcoco, split_by unc)")
     synth.set_defaults(handler=_cmd_synth)
 
     for name in _TRAINING:
@@ -225,7 +236,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     try:
         predictor = Predictor.from_pretrained(
-            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold
+            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold,
+            no_target_threshold=args.no_target_threshold,
         )
     except (ValueError, KeyError, OSError) as err:
         # A checkpoint with the right files but the wrong contents (edited config.json,
@@ -242,6 +254,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     from vlaligner.viz import save_overlay, save_query_grid
 
+    if pred.no_target:
+        print(f"no target: the model finds nothing in the image that {args.text!r} refers to "
+              f"(no-target probability {pred.no_target_probability:.3f}); the mask is empty")
+    elif pred.no_target is not None:
+        print(f"target found (no-target probability {pred.no_target_probability:.3f})")
     save_overlay(out, rgb, pred.mask)
     h, w = pred.mask.shape
     print(f"wrote {out} ({w}x{h}); mask covers {100.0 * pred.mask.mean():.1f}% of the image")
@@ -260,7 +277,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlaligner.data import generate_synthetic_refcoco
+    from vlaligner.data import generate_synthetic_grefcoco, generate_synthetic_refcoco
 
     kwargs = {"num_images": args.images, "seed": args.seed}
     if args.image_size is not None:
@@ -269,11 +286,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT {str(out)!r} is a file; give a directory")
     try:
-        root = generate_synthetic_refcoco(out, **kwargs)
+        generate = generate_synthetic_grefcoco if args.generalized else generate_synthetic_refcoco
+        root = generate(out, **kwargs)
     except (ValueError, TypeError) as err:  # the generator checks its arguments
         raise UsageError(str(err)) from None
+    dataset = "grefcoco" if args.generalized else "refcoco"
     print(f"wrote a synthetic data set of {args.images} images to {root} "
-          f"(use it as the data root with dataset refcoco, split_by unc)")
+          f"(use it as the data root with dataset {dataset}, split_by unc)")
     return 0
 
 

@@ -84,6 +84,11 @@ class Prediction:
             (padding removed, so l == len(tokens)), or None.
         tokens: the l token strings the attention is over (special tokens included), or None.
         threshold: the probability threshold that made ``mask``.
+        no_target: True when the model (one with a no-target head, for generalized
+            referring segmentation) says the sentence refers to nothing in the image; then
+            ``mask`` is all False (``probability`` is still the mask head's map). False when
+            it found a target; None for a model without a no-target head.
+        no_target_probability: the model's probability that nothing is referred to, or None.
     """
 
     sentence: str
@@ -94,6 +99,8 @@ class Prediction:
     word_attention: Optional[np.ndarray] = None
     tokens: Optional[List[str]] = None
     threshold: float = 0.5
+    no_target: Optional[bool] = None
+    no_target_probability: Optional[float] = None
 
     @property
     def size(self) -> Tuple[int, int]:
@@ -352,11 +359,11 @@ def logits_to_probability(
     return torch.sigmoid(logits)
 
 
-def _check_threshold(threshold: float) -> float:
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float in [0, 1], got {type(threshold).__name__}")
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(threshold).__name__}")
     if not (0.0 <= float(threshold) <= 1.0) or math.isnan(threshold):
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise ValueError(f"{name} must be in [0, 1], got {threshold}")
     return float(threshold)
 
 
@@ -383,6 +390,8 @@ class Predictor:
         dtype: compute dtype, None / 'auto' (float32 on CPU, bfloat16 / float16 on CUDA),
             'float32', 'bfloat16' or 'float16'; lower precision runs under autocast.
         threshold: probability above which a pixel is in ``Prediction.mask``.
+        no_target_threshold: no-target probability above which a model with a no-target
+            head answers "no target" (an empty mask); default 0.5.
     """
 
     def __init__(
@@ -392,6 +401,7 @@ class Predictor:
         device: Union[str, torch.device, None] = "cpu",
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
+        no_target_threshold: float = 0.5,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (EAVL), got {type(model).__name__}")
@@ -404,6 +414,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.threshold = _check_threshold(threshold)
+        self.no_target_threshold = _check_threshold(no_target_threshold, "no_target_threshold")
         self.model = model.eval().to(self.device)
 
     @classmethod
@@ -414,6 +425,7 @@ class Predictor:
         device: Union[str, torch.device, None] = "cpu",
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
+        no_target_threshold: float = 0.5,
     ) -> "Predictor":
         """Load a model saved with ``EAVL.save_pretrained(path)`` and wrap it.
 
@@ -426,6 +438,7 @@ class Predictor:
         resolved = resolve_device(device)
         resolve_dtype(dtype, resolved)
         _check_threshold(threshold)
+        _check_threshold(no_target_threshold, "no_target_threshold")
         try:
             from vlaligner.models import EAVL
         except ImportError as err:
@@ -434,7 +447,9 @@ class Predictor:
                 f"({err})"
             ) from err
         model = EAVL.from_pretrained(directory, map_location="cpu")
-        return cls(model, device=resolved, dtype=dtype, threshold=threshold)
+        return cls(
+            model, device=resolved, dtype=dtype, threshold=threshold, no_target_threshold=no_target_threshold
+        )
 
     # ----------------------------------------------------------------------------------
 
@@ -442,6 +457,11 @@ class Predictor:
     def img_size(self) -> int:
         """S, the square side the model sees."""
         return int(self.model.img_size)
+
+    @property
+    def has_no_target_head(self) -> bool:
+        """Whether the model can answer "no target" (a generalized, gRefCOCO-style model)."""
+        return getattr(self.model, "no_target_head", None) is not None
 
     @property
     def has_queries(self) -> bool:
@@ -525,6 +545,8 @@ class Predictor:
         probability = logits_to_probability(out.logits, size, input_size=input_size)[:, 0]  # (b H W)
         if return_queries and (out.query_masks is None or out.word_attention is None):
             raise ValueError(_NO_QUERIES)
+        nt_logits = getattr(out, "no_target_logits", None)
+        nt_prob = None if nt_logits is None else torch.sigmoid(nt_logits.float()).cpu().numpy()
 
         results = []
         for i, sentence in enumerate(sentences):
@@ -535,6 +557,11 @@ class Predictor:
                 probability=prob,
                 threshold=self.threshold,
             )
+            if nt_prob is not None:
+                pred.no_target_probability = float(nt_prob[i])
+                pred.no_target = bool(nt_prob[i] > self.no_target_threshold)
+                if pred.no_target:  # "nothing is referred to": an empty mask
+                    pred.mask = np.zeros_like(pred.mask)
             if return_queries:
                 # Per sentence so that only (n H W) is ever held at the original size.
                 pred.query_masks = (
@@ -589,5 +616,6 @@ class Predictor:
         return (
             f"{type(self).__name__}(model={type(self.model).__name__}, img_size={self.img_size}, "
             f"device={str(self.device)!r}, dtype={str(self.dtype).replace('torch.', '')!r}, "
-            f"threshold={self.threshold})"
+            f"threshold={self.threshold}"
+            + (f", no_target_threshold={self.no_target_threshold})" if self.has_no_target_head else ")")
         )

@@ -1,4 +1,4 @@
-"""Referring segmentation data: RefCOCO / RefCOCO+ / G-Ref from disk, transforms, a synthetic set.
+"""Referring segmentation data: RefCOCO / RefCOCO+ / G-Ref / gRefCOCO from disk, transforms, a synthetic set.
 
 Axis legend: b batch, c channels, h w space (model input), H W space (original image),
 l words.
@@ -15,11 +15,15 @@ from .layout import check_data_root
 from .refer import (
     DATASET_SPLITS,
     DEFAULT_MAX_LENGTH,
+    GENERALIZED_DATASETS,
     RefDataset,
     RefSample,
     UnsafePickleError,
     decode_segmentation,
     load_refs,
+    load_refs_json,
+    missing_data_files,
+    target_ann_ids,
 )
 from .transforms import (
     IMAGENET_MEAN,
@@ -38,12 +42,17 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "UnsafePickleError",
     "load_refs",
+    "load_refs_json",
+    "target_ann_ids",
+    "missing_data_files",
+    "GENERALIZED_DATASETS",
     "decode_segmentation",
     "collate_ref_batch",
     "check_data_root",
     "default_cache_dir",
     "ensure_synthetic_set",
     "generate_synthetic_refcoco",
+    "generate_synthetic_grefcoco",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_image",
@@ -61,6 +70,10 @@ def __getattr__(name: str) -> Any:
         from .synthetic import generate_synthetic_refcoco
 
         return generate_synthetic_refcoco
+    if name == "generate_synthetic_grefcoco":
+        from .synthetic import generate_synthetic_grefcoco
+
+        return generate_synthetic_grefcoco
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -41,8 +41,9 @@ def collate_ref_batch(samples: Sequence[dict]) -> dict[str, Any]:
     - ``input_ids`` / ``attention_mask`` of different lengths are right-padded with 0;
     - ``orig_mask`` (``(H W)`` each), ``sentence`` and ``file_name`` stay lists, as does any
       other tensor whose shape differs between samples or any non-numeric value;
-    - ints (``ref_id``, ``ann_id``, ``sent_id``, ``image_id``) become ``(b)`` LongTensors,
-      floats ``(b)`` float32 tensors.
+    - ints (``ref_id``, ``ann_id``, ``sent_id``, ``image_id``, ``num_targets``) become ``(b)``
+      LongTensors, floats ``(b)`` float32 tensors, bools (``no_target``) ``(b)`` bool tensors;
+    - lists (gRefCOCO's ``ann_ids``, one list of ids per sample) stay a list of lists.
 
     Raises:
         ValueError: empty batch, or samples with different keys.

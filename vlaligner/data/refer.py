@@ -1,4 +1,4 @@
-"""RefCOCO, RefCOCO+ and G-Ref read from the layout of the public ``refer`` toolkit.
+"""RefCOCO, RefCOCO+, G-Ref and gRefCOCO read from the layouts of ``refer`` / ReLA's ``grefer``.
 
 Axis legend: c channels (3), h w space at the model's input size (S x S by default),
 H W space of the original image, l words (tokens).
@@ -9,6 +9,15 @@ Expected layout under ``root`` (only these exact names are ever opened)::
     root/refcoco+/refs(unc).p         root/refcoco+/instances.json
     root/refcocog/refs(umd).p         root/refcocog/refs(google).p   root/refcocog/instances.json
     root/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg ...
+
+gRefCOCO (generalized referring expressions, ReLA's ``grefer.py``)::
+
+    root/grefcoco/grefs(unc).p or root/grefcoco/grefs(unc).json    root/grefcoco/instances.json
+    root/images/train2014/COCO_train2014_*.jpg   (or root/images/mscoco/images/train2014/)
+
+A gRefCOCO ref's ``ann_id`` is a list of annotation ids: every listed object is a target
+(the sample's mask is their union), and ``[-1]`` (or an empty list) means the sentence
+refers to nothing in the image (``no_target``, an empty mask).
 
 The refs files are Python pickles (the published format). Unpickling arbitrary data can run
 code, so they are read with a restricted unpickler that only builds lists, dicts, strings and
@@ -37,7 +46,11 @@ __all__ = [
     "IMAGE_SUBDIR",
     "UnsafePickleError",
     "load_refs",
+    "load_refs_json",
     "decode_segmentation",
+    "GENERALIZED_DATASETS",
+    "target_ann_ids",
+    "missing_data_files",
 ]
 
 # Splits as published: RefCOCO / RefCOCO+ (UNC): testA = people, testB = other objects.
@@ -45,10 +58,17 @@ DATASET_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
     "refcoco": {"unc": ("train", "val", "testA", "testB")},
     "refcoco+": {"unc": ("train", "val", "testA", "testB")},
     "refcocog": {"umd": ("train", "val", "test"), "google": ("train", "val")},
+    # gRefCOCO (ReLA): the UNC splits of RefCOCO's images.
+    "grefcoco": {"unc": ("train", "val", "testA", "testB")},
 }
-# Paper (and LAVT / CRIS practice): 17 tokens for RefCOCO / RefCOCO+, 22 for G-Ref.
-DEFAULT_MAX_LENGTH: dict[str, int] = {"refcoco": 17, "refcoco+": 17, "refcocog": 22}
+# Paper (and LAVT / CRIS practice): 17 tokens for RefCOCO / RefCOCO+, 22 for G-Ref;
+# ReLA's MAX_TOKENS for gRefCOCO is 20.
+DEFAULT_MAX_LENGTH: dict[str, int] = {"refcoco": 17, "refcoco+": 17, "refcocog": 22, "grefcoco": 20}
 IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
+#: Data sets whose refs name any number of objects (a list ``ann_id``; ``[-1]`` = none).
+GENERALIZED_DATASETS = frozenset({"grefcoco"})
+# Where gRefCOCO's images are looked for, in this order: ReLA's layout, then RefCOCO's.
+_GREF_IMAGE_SUBDIRS = (Path("images") / "train2014", IMAGE_SUBDIR)
 
 Tokenizer = Callable[[list, int], tuple]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -131,6 +151,25 @@ def load_refs(path: PathLike) -> list[dict]:
             continue
         except Exception as err:  # noqa: BLE001 - any decoding failure means a broken file
             raise ValueError(f"cannot read refs file {path} as a pickle: {err!r}") from err
+    return _check_refs(refs, path)
+
+
+def load_refs_json(path: PathLike) -> list[dict]:
+    """Read a ``grefs(<split_by>).json`` file (gRefCOCO's published format) and check it.
+
+    Returns and raises as :func:`load_refs` (a file that is not JSON is a ``ValueError``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"refs file not found: {path}")
+    try:
+        refs = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read refs file {path} as JSON: {err}") from err
+    return _check_refs(refs, path)
+
+
+def _check_refs(refs: Any, path: Path) -> list[dict]:
     if not isinstance(refs, list):
         raise ValueError(
             f"refs file {path} must hold a list of ref dicts, got {type(refs).__name__}"
@@ -204,6 +243,54 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return m > 0
 
 
+def target_ann_ids(ann_id: Any, *, where: str = "ref") -> list[int]:
+    """The annotation ids a ref refers to, as gRefCOCO (ReLA's ``grefer.py``) reads them.
+
+    ``ann_id`` may be one id (RefCOCO style) or a list of ids; ``[-1]`` and ``[]`` (and a bare
+    ``-1``) mean *no target*: the result is then an empty list. ``-1`` mixed with real ids
+    is refused (ReLA asserts the same).
+
+    Raises:
+        ValueError: an id that is not an int, or ``-1`` beside other ids (names ``where``).
+    """
+    ids = ann_id if isinstance(ann_id, (list, tuple)) else [ann_id]
+    out: list[int] = []
+    for a in ids:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"{where}: ann_id must hold integer annotation ids, got {ann_id!r}")
+        out.append(int(a))
+    if -1 in out:
+        if len(out) > 1:
+            raise ValueError(
+                f"{where}: ann_id {ann_id!r} mixes -1 (no target) with annotation ids; a "
+                "no-target ref has ann_id [-1]"
+            )
+        return []
+    return out
+
+
+def missing_data_files(root: PathLike, dataset: str, split_by: str) -> list[str]:
+    """What :class:`RefDataset` would miss under ``root`` (file existence only; cheap).
+
+    For RefCOCO / RefCOCO+ / G-Ref: ``<dataset>/refs(<split_by>).p``, ``<dataset>/instances.json``
+    and ``images/mscoco/images/train2014/``. For gRefCOCO: ``grefcoco/grefs(<split_by>).json``
+    (or ``.p``), ``grefcoco/instances.json`` and ``images/train2014/`` (or the RefCOCO image
+    folder). Returns the missing paths as strings (alternatives joined by " or "), empty
+    when everything is there.
+    """
+    root = Path(root).expanduser()
+    data = root / dataset
+    if dataset in GENERALIZED_DATASETS:
+        alternatives = [
+            [data / f"grefs({split_by}).json", data / f"grefs({split_by}).p"],
+            [data / "instances.json"],
+            [root / d for d in _GREF_IMAGE_SUBDIRS],
+        ]
+    else:
+        alternatives = [[data / f"refs({split_by}).p"], [data / "instances.json"], [root / IMAGE_SUBDIR]]
+    return [" or ".join(str(p) for p in paths) for paths in alternatives if not any(p.exists() for p in paths)]
+
+
 def _safe_file_name(name: Any) -> bool:
     """True for a plain file name (no folders, no '..'): we only open files inside root."""
     return (
@@ -216,7 +303,7 @@ def _safe_file_name(name: Any) -> bool:
 
 
 class RefDataset(Dataset):
-    """One sample per sentence of RefCOCO / RefCOCO+ / G-Ref, read from the ``refer`` layout.
+    """One sample per sentence of RefCOCO / RefCOCO+ / G-Ref / gRefCOCO (``refer`` layouts).
 
     Images are resized to ``img_size x img_size`` with a plain bilinear resize (the aspect
     ratio is NOT kept; LAVT's convention) and normalised with the ImageNet mean / std. The
@@ -226,14 +313,17 @@ class RefDataset(Dataset):
 
     Args:
         root: folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/`` and
-            ``images/mscoco/images/train2014/`` (see docs/data.md).
-        dataset: "refcoco", "refcoco+" or "refcocog".
-        split_by: "unc" (RefCOCO, RefCOCO+), "umd" or "google" (G-Ref).
+            ``images/mscoco/images/train2014/``, or ``grefcoco/`` and ``images/train2014/``
+            (see docs/data.md).
+        dataset: "refcoco", "refcoco+", "refcocog" or "grefcoco" (generalized: a sentence
+            may refer to several objects or to none).
+        split_by: "unc" (RefCOCO, RefCOCO+, gRefCOCO), "umd" or "google" (G-Ref).
         split: unc: train / val / testA / testB; umd: train / val / test; google: train / val.
         tokenizer: callable ``(list[str], max_length) -> (input_ids (b l), attention_mask
             (b l))`` such as ``EAVL.tokenize``; with None the samples carry no token ids.
         img_size: side of the square model input.
-        max_length: tokens per sentence; default 17 (RefCOCO / RefCOCO+) or 22 (G-Ref).
+        max_length: tokens per sentence; default 17 (RefCOCO / RefCOCO+), 22 (G-Ref) or
+            20 (gRefCOCO, ReLA's value).
         augment: random horizontal flip (p = 0.5) that also swaps "left" / "right" in the
             sentence; off by default (use it for training only).
 
@@ -241,7 +331,12 @@ class RefDataset(Dataset):
         ``image (3 h w)`` float32 normalised; ``input_ids (l)`` long; ``attention_mask (l)``
         long (1 = real token); ``mask (h w)`` float32 0/1; ``orig_mask (H W)`` bool;
         ``orig_size (2)`` long ``(H, W)``; ``sentence`` str; ``ref_id``, ``ann_id``,
-        ``sent_id``, ``image_id`` int; ``file_name`` str.
+        ``sent_id``, ``image_id`` int; ``file_name`` str; ``no_target`` bool (True when the
+        sentence refers to nothing in the image; then ``mask`` and ``orig_mask`` are empty;
+        always False for RefCOCO / RefCOCO+ / G-Ref).
+        gRefCOCO items also carry ``ann_ids`` (list of int, empty for no target) and
+        ``num_targets`` int; their ``ann_id`` is the first target's id, -1 for no target, and
+        their mask is the union of every target's mask (crowd annotations skipped, as ReLA).
     """
 
     def __init__(
@@ -295,10 +390,19 @@ class RefDataset(Dataset):
         self.max_length = max_length
         self.augment = augment
 
-        layout = (
-            "expected refcoco/, refcoco+/, refcocog/ (each with refs(<split_by>).p and "
-            "instances.json) and images/mscoco/images/train2014/; see docs/data.md"
-        )
+        self.generalized = dataset in GENERALIZED_DATASETS
+        if self.generalized:
+            layout = (
+                f"expected {dataset}/ (with grefs(<split_by>).json or .p and instances.json) and "
+                "images/train2014/ (or images/mscoco/images/train2014/); see docs/data.md"
+            )
+            refs_names = [f"grefs({s}).{ext}" for s in DATASET_SPLITS[dataset] for ext in ("p", "json")]
+        else:
+            layout = (
+                "expected refcoco/, refcoco+/, refcocog/ (each with refs(<split_by>).p and "
+                "instances.json) and images/mscoco/images/train2014/; see docs/data.md"
+            )
+            refs_names = [f"refs({s}).p" for s in DATASET_SPLITS[dataset]]
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root not found: {self.root} ({layout})")
         self.data_dir = self.root / dataset
@@ -308,14 +412,17 @@ class RefDataset(Dataset):
                 f"data set folder not found: {self.data_dir}; folders present in {self.root}: "
                 f"{present or 'none'} ({layout})"
             )
-        self.refs_file = self.data_dir / f"refs({split_by}).p"
+        if self.generalized:
+            # ReLA's grefer.py reads the pickle when there is one, else the JSON.
+            pickled = self.data_dir / f"grefs({split_by}).p"
+            self.refs_file = pickled if pickled.is_file() else self.data_dir / f"grefs({split_by}).json"
+        else:
+            self.refs_file = self.data_dir / f"refs({split_by}).p"
         if not self.refs_file.is_file():
-            present = sorted(
-                f"refs({s}).p" for s in DATASET_SPLITS[dataset] if (self.data_dir / f"refs({s}).p").is_file()
-            )
+            present = sorted(n for n in refs_names if (self.data_dir / n).is_file())
+            wanted = [f"grefs({split_by}).json", f"grefs({split_by}).p"] if self.generalized else refs_names
             raise FileNotFoundError(
-                f"refs file not found: {self.refs_file}; expected "
-                f"{[f'refs({s}).p' for s in DATASET_SPLITS[dataset]]} in {self.data_dir}, "
+                f"refs file not found: {self.refs_file}; expected {wanted} in {self.data_dir}, "
                 f"found {present or 'none'}"
             )
         self.instances_file = self.data_dir / "instances.json"
@@ -324,14 +431,16 @@ class RefDataset(Dataset):
                 f"annotation file not found: {self.instances_file} (the COCO instances of "
                 f"{dataset}, shipped with its refs files)"
             )
-        self.image_dir = self.root / IMAGE_SUBDIR
-        if not self.image_dir.is_dir():
+        image_dirs = [self.root / d for d in (_GREF_IMAGE_SUBDIRS if self.generalized else (IMAGE_SUBDIR,))]
+        found = [d for d in image_dirs if d.is_dir()]
+        if not found:
             raise FileNotFoundError(
-                f"image folder not found: {self.image_dir} (expected the COCO train2014 "
-                "images, e.g. COCO_train2014_000000000009.jpg)"
+                f"image folder not found: {' or '.join(str(d) for d in image_dirs)} (expected the "
+                "COCO train2014 images, e.g. COCO_train2014_000000000009.jpg)"
             )
+        self.image_dir = found[0]
 
-        all_refs = load_refs(self.refs_file)
+        all_refs = load_refs_json(self.refs_file) if self.refs_file.suffix == ".json" else load_refs(self.refs_file)
         refs = [r for r in all_refs if r["split"] == split]
         if not refs:
             counts: dict[str, int] = {}
@@ -352,7 +461,15 @@ class RefDataset(Dataset):
                 f"{self.instances_file} must be a COCO instances dict with 'images' and "
                 "'annotations'"
             )
-        need_anns = {int(r["ann_id"]) for r in refs}
+        # ann ids per ref: one for the classic sets, any number (none = no target) for gRefCOCO.
+        if self.generalized:
+            self._ref_anns: dict[int, list[int]] = {
+                int(r["ref_id"]): target_ann_ids(r["ann_id"], where=f"{self.refs_file.name}: ref {r['ref_id']}")
+                for r in refs
+            }
+        else:
+            self._ref_anns = {int(r["ref_id"]): [int(r["ann_id"])] for r in refs}
+        need_anns = {a for ids in self._ref_anns.values() for a in ids}
         need_imgs = {int(r["image_id"]) for r in refs}
         # Keep only what this split uses: the full G-Ref instances are large and every
         # DataLoader worker holds a copy.
@@ -371,6 +488,18 @@ class RefDataset(Dataset):
                 f"ids {missing_anns[:5]}{'...' if len(missing_anns) > 5 else ''}, missing "
                 f"image ids {missing_imgs[:5]}{'...' if len(missing_imgs) > 5 else ''}"
             )
+        if self.generalized:
+            # Crowd annotations are not part of the target (ReLA's loader skips them); a ref
+            # left with nothing but crowd regions would be neither a target nor a no-target.
+            for ref_id, ids in self._ref_anns.items():
+                kept = [a for a in ids if not self.anns[a].get("iscrowd", 0)]
+                if ids and not kept:
+                    raise ValueError(
+                        f"{self.refs_file.name}: ref {ref_id} refers only to crowd annotations "
+                        f"{ids}; a target ref needs at least one non-crowd object (ann_id [-1] "
+                        "marks a no-target ref)"
+                    )
+                self._ref_anns[ref_id] = kept
         for im in self.images.values():
             if not _safe_file_name(im.get("file_name")):
                 raise ValueError(
@@ -410,12 +539,27 @@ class RefDataset(Dataset):
         ref = self.refs[self.samples[index].ref_id]
         return self.image_dir / self.images[int(ref["image_id"])]["file_name"]
 
+    def ref_ann_ids(self, ref_id: int) -> list[int]:
+        """The annotation ids ref ``ref_id`` refers to (empty for a no-target ref)."""
+        return list(self._ref_anns[int(ref_id)])
+
     def ref_mask(self, ref_id: int) -> np.ndarray:
-        """``(H W)`` bool mask of a ref at the original image size (union of its polygons)."""
+        """``(H W)`` bool mask of a ref at the original image size.
+
+        The union of its polygons; for gRefCOCO the union over every referred object, all
+        False for a no-target ref.
+        """
         ref = self.refs[int(ref_id)]
-        ann = self.anns[int(ref["ann_id"])]
         img = self.images[int(ref["image_id"])]
-        return decode_segmentation(ann["segmentation"], int(img["height"]), int(img["width"]))
+        height, width = int(img["height"]), int(img["width"])
+        mask = np.zeros((height, width), dtype=bool)
+        for a in self._ref_anns[int(ref_id)]:
+            segmentation = self.anns[a]["segmentation"]
+            if self.generalized and isinstance(segmentation, list):
+                # ReLA's loader drops invalid polygons (fewer than 3 points, odd length).
+                segmentation = [p for p in segmentation if len(p) % 2 == 0 and len(p) >= 6]
+            mask |= decode_segmentation(segmentation, height, width)
+        return mask
 
     # ------------------------------------------------------------------ samples
     def _tokenize(self, sentence: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,6 +591,7 @@ class RefDataset(Dataset):
                 "line up"
             )
         orig_np = self.ref_mask(ref_id)
+        ann_ids = self._ref_anns[ref_id]
         img_t = preprocess_image(image, self.img_size)
         mask_t = resize_mask(orig_np, self.img_size)
         orig = torch.from_numpy(orig_np)
@@ -463,9 +608,12 @@ class RefDataset(Dataset):
             orig_size=torch.tensor([height, width], dtype=torch.long),
             sentence=sentence,
             ref_id=int(ref_id),
-            ann_id=int(ref["ann_id"]),
+            ann_id=int(ann_ids[0]) if ann_ids else -1,
             sent_id=int(sent_id),
             image_id=int(ref["image_id"]),
             file_name=str(info["file_name"]),
+            no_target=not ann_ids,
         )
+        if self.generalized:
+            sample.update(ann_ids=list(ann_ids), num_targets=len(ann_ids))
         return sample

@@ -19,6 +19,11 @@ Written files (root = ``out_dir``; load with ``RefDataset(out_dir, "refcoco", "u
     out_dir/images/mscoco/images/train2014/COCO_train2014_%012d.jpg
 
 Command line: ``python -m vlaligner.data.synthetic OUT --images N --seed S``.
+
+Generalized mode (:func:`generate_synthetic_grefcoco`, ``--generalized``): the same scenes
+with sentences that refer to several objects ("all red shapes", "the two circles", "every
+shape on the left") or to none ("the purple star"), written in the gRefCOCO layout
+(``grefcoco/grefs(unc).json``, ``grefcoco/instances.json``, ``images/train2014/``).
 """
 from __future__ import annotations
 
@@ -36,7 +41,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["generate_synthetic_refcoco", "SHAPES", "COLOURS", "main"]
+__all__ = [
+    "generate_synthetic_refcoco",
+    "generate_synthetic_grefcoco",
+    "GENERALIZED_FRACTIONS",
+    "SHAPES",
+    "COLOURS",
+    "main",
+]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # Saturated, well separated hues so that a small model can tell them apart after JPEG.
@@ -400,6 +412,324 @@ def generate_synthetic_refcoco(
     return out
 
 
+# ---------------------------------------------------------------------- generalized (gRefCOCO)
+_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+# A half-plane phrase ("every shape on the left") holds for the objects whose centre lies in
+# that half of the image; it is used only when no centre is within this margin (a fraction
+# of the image side) of the dividing line, so that membership is never borderline.
+_REGION_MARGIN = 0.08
+_REGIONS: dict[str, tuple[str, str]] = {
+    "left": ("x", "<"), "right": ("x", ">"), "top": ("y", "<"), "bottom": ("y", ">"),
+}
+_REGION_PREP = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+#: Default share of refs per kind in the generalized set (gRefCOCO: about 10 % no-target).
+GENERALIZED_FRACTIONS: dict[str, float] = {"no_target": 0.10, "multi": 0.35, "single": 0.55}
+
+
+def _region_members(objs: list[_Obj], region: str, h: int, w: int) -> Optional[list[int]]:
+    """Indices of the objects in a half of the image, or None when one is too near the line."""
+    axis, side = _REGIONS[region]
+    size = w if axis == "x" else h
+    line, margin = size / 2.0, _REGION_MARGIN * size
+    coords = [o.cx if axis == "x" else o.cy for o in objs]
+    if any(abs(c - line) < margin for c in coords):
+        return None
+    return [i for i, c in enumerate(coords) if (c < line if side == "<" else c > line)]
+
+
+def _plural_group_phrases(rng: np.random.Generator, colour: Optional[str], shape: Optional[str], n: int) -> list[str]:
+    """Ways to name all ``n`` objects of a colour and / or shape (n >= 2, or 0 for none)."""
+    noun_pl = _PLURALS[shape] if shape else str(rng.choice(["shapes", "objects"]))
+    noun_sg = shape if shape else str(rng.choice(["shape", "object"]))
+    adj = f"{colour} " if colour else ""
+    out = [f"all {adj}{noun_pl}", f"every {adj}{noun_sg}", f"the {adj}{noun_pl}"]
+    if n == 2:
+        out.append(f"both {adj}{noun_pl}")
+    if n in _COUNT_WORDS:
+        out.append(f"the {_COUNT_WORDS[n]} {adj}{noun_pl}")
+    return out
+
+
+def _generalized_candidates(
+    rng: np.random.Generator, objs: list[_Obj], h: int, w: int
+) -> dict[str, dict[frozenset, list[str]]]:
+    """Every expression the generalized set can use in this scene, by kind and target set.
+
+    Returns ``{"single" | "multi" | "no_target": {frozenset(object indices): [texts]}}``;
+    the no-target entry is keyed by the empty set.
+    """
+    kinds: dict[str, dict[frozenset, list[str]]] = {"single": {}, "multi": {}, "no_target": {}}
+
+    def add(kind: str, targets: list[int], text: str) -> None:
+        texts = kinds[kind].setdefault(frozenset(targets), [])
+        if text not in texts:
+            texts.append(text)
+
+    # Single targets: the classic descriptions (colour / shape / relative position or size).
+    singles: dict[int, list[str]] = {}
+    for i, o in enumerate(objs):
+        for desc in _descriptions(objs, o, h, w):
+            text = _phrase(rng, *desc)
+            singles.setdefault(i, []).append(text)
+            add("single", [i], text)
+    colours = sorted({o.colour for o in objs})
+    shapes = sorted({o.shape for o in objs})
+    # Attribute groups: every object of a colour, a shape, or both; all objects.
+    groups: list[tuple[Optional[str], Optional[str]]] = [(c, None) for c in COLOURS] + [(None, s) for s in SHAPES]
+    groups += [(c, s) for c in colours for s in shapes]
+    for colour, shape in groups:
+        members = [i for i, o in enumerate(objs) if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
+        if len(members) >= 2:
+            for text in _plural_group_phrases(rng, colour, shape, len(members)):
+                add("multi", members, text)
+        elif not members:
+            # A colour, a shape, or a colour-shape pair that no object has.
+            for text in _plural_group_phrases(rng, colour, shape, 0)[:1]:
+                add("no_target", [], text)
+            noun = shape if shape else str(rng.choice(["shape", "object"]))
+            add("no_target", [], f"the {colour + ' ' if colour else ''}{noun}")
+    if len(objs) >= 2:
+        for text in (f"all {rng.choice(['shapes', 'objects'])}", f"every {rng.choice(['shape', 'object'])}"):
+            add("multi", list(range(len(objs))), text)
+    # Half-plane groups: "every shape on the left"; none there is a no-target sentence.
+    for region in _REGIONS:
+        members = _region_members(objs, region, h, w)
+        if members is None or len(members) == 1:
+            continue
+        noun_pl = str(rng.choice(["shapes", "objects"]))
+        texts = [f"every {noun_pl[:-1]} {_REGION_PREP[region]}", f"all {noun_pl} {_REGION_PREP[region]}"]
+        for text in texts:
+            add("multi" if members else "no_target", members, text)
+    # Two single descriptions joined: "the red circle and the big square".
+    described = [i for i in range(len(objs)) if singles.get(i)]
+    for a_pos, a in enumerate(described):
+        for b in described[a_pos + 1:]:
+            for _ in range(2):  # two phrasings of the pair (the same one twice is kept once)
+                first, second = (a, b) if rng.random() < 0.5 else (b, a)
+                text = f"{rng.choice(singles[first])} and {rng.choice(singles[second])}"
+                add("multi", [a, b], text)
+    return kinds
+
+
+def _pick_refs(
+    rng: np.random.Generator,
+    kinds: dict[str, dict[frozenset, list[str]]],
+    num_refs: int,
+    fractions: dict[str, float],
+) -> list[tuple[str, frozenset, list[str]]]:
+    """Choose up to ``num_refs`` distinct target sets, each with 1-3 of its texts.
+
+    An image gets at most one no-target ref (all its no-target sentences share the empty
+    target set), with probability ``num_refs * fractions["no_target"]`` (capped at 1), so
+    that about that fraction of all refs has no target; the other slots are multi- or
+    single-target in the ratio of their fractions, falling back to the other kind when the
+    scene has no unused target set of the drawn kind.
+    """
+    total = sum(fractions.values())
+    p_nt = min(1.0, num_refs * fractions["no_target"] / total)
+    rest = fractions["multi"] + fractions["single"]
+    p_multi = fractions["multi"] / rest if rest > 0 else 0.0
+    slots = []
+    if kinds["no_target"] and rng.random() < p_nt:
+        slots.append("no_target")
+    while len(slots) < num_refs:
+        slots.append("multi" if rng.random() < p_multi else "single")
+    used: set = set()
+    chosen = []
+    for kind in slots:
+        order = [kind] if kind == "no_target" else [kind, "single" if kind == "multi" else "multi"]
+        for k in order:
+            options = sorted((t for t in kinds[k] if t not in used), key=sorted)
+            if options:
+                targets = options[int(rng.integers(len(options)))]
+                texts = kinds[k][targets]
+                n = min(len(texts), int(rng.integers(1, 4)))
+                picked = [texts[int(j)] for j in rng.choice(len(texts), size=n, replace=False)]
+                used.add(targets)
+                chosen.append((k, targets, picked))
+                break
+    return chosen
+
+
+def generate_synthetic_grefcoco(
+    out_dir: Union[str, os.PathLike],
+    *,
+    num_images: int = 200,
+    seed: int = 0,
+    image_size: Union[None, int, tuple[int, int]] = None,
+    min_objects: int = 2,
+    max_objects: int = 5,
+    refs_per_image: int = 4,
+    fractions: Optional[dict[str, float]] = None,
+    jpeg_quality: int = 92,
+    progress: bool = False,
+) -> Path:
+    """Write a synthetic *generalized* referring set in the gRefCOCO layout; returns ``out_dir``.
+
+    The scenes are drawn as in :func:`generate_synthetic_refcoco`; each ref is one of
+
+    - single target: a classic description ("the red circle", "the left square");
+    - multi target: every object of a colour / shape / both ("all red shapes", "the two
+      circles", "both blue squares"), every object ("all shapes"), every object in one half
+      of the image ("every shape on the left"), or two single descriptions joined by "and";
+    - no target (ann_id ``[-1]``): a colour, shape or colour-shape pair that no object has
+      ("the purple star", "all green shapes"), or an empty half ("all shapes at the top").
+
+    A ref's kind is drawn with ``fractions`` (default :data:`GENERALIZED_FRACTIONS`: 10 %
+    no-target, 35 % multi-target), falling back to another kind when the scene has none.
+    Each ref has 1-3 sentences (different phrasings of the same target set). Every
+    annotation carries the drawn attributes (``"attributes": {"colour", "shape", "centre"}``).
+    Deterministic for a seed.
+
+    Written files (load with ``RefDataset(out_dir, "grefcoco", "unc", split)``)::
+
+        out_dir/grefcoco/grefs(unc).json   out_dir/grefcoco/instances.json
+        out_dir/images/train2014/COCO_train2014_%012d.jpg
+
+    Args:
+        out_dir, num_images, seed, image_size, min_objects, max_objects, jpeg_quality,
+            progress: as :func:`generate_synthetic_refcoco`.
+        refs_per_image: refs drawn per image (fewer when the scene runs out of target sets).
+        fractions: ``{"no_target": p, "multi": p, "single": p}`` (normalised).
+    """
+    from pycocotools import mask as mask_utils  # the [data] extra; imported where used
+
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 4:
+        raise ValueError(f"num_images must be an int >= 4 (one image per split at least), got {num_images!r}")
+    if not (2 <= min_objects <= max_objects <= 5):
+        raise ValueError(
+            f"need 2 <= min_objects <= max_objects <= 5, got min_objects={min_objects}, max_objects={max_objects}"
+        )
+    if isinstance(refs_per_image, bool) or not isinstance(refs_per_image, int) or refs_per_image < 1:
+        raise ValueError(f"refs_per_image must be an int >= 1, got {refs_per_image!r}")
+    fractions = dict(GENERALIZED_FRACTIONS if fractions is None else fractions)
+    if set(fractions) != set(GENERALIZED_FRACTIONS) or any(
+        not isinstance(v, (int, float)) or v < 0 for v in fractions.values()
+    ) or sum(fractions.values()) <= 0:
+        raise ValueError(
+            f"fractions must map each of {sorted(GENERALIZED_FRACTIONS)} to a non-negative number "
+            f"(not all 0), got {fractions!r}"
+        )
+    if image_size is not None:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(hw) != 2 or any((not isinstance(s, int)) or s < 64 for s in hw):
+            raise ValueError(f"image_size must be None, an int >= 64 or (H, W) ints >= 64, got {image_size!r}")
+
+    out = Path(out_dir)
+    data_dir = out / "grefcoco"
+    image_dir = out / "images" / "train2014"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng(seed)
+    splits = _split_names(rng, num_images)
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    cat_id = {s: i + 1 for i, s in enumerate(SHAPES)}
+    images, annotations, refs = [], [], []
+    ann_id, ref_id, sent_id = 1, 0, 0
+    start = time.monotonic()
+    step = max(1, num_images // 20)
+
+    for index in range(num_images):
+        image_id = index + 1
+        h, w = _choose_size(rng, image_size)
+        attempts = 0
+        while True:
+            attempts += 1
+            n = int(rng.integers(min_objects, max_objects + 1)) if attempts < 20 else min_objects
+            objs = _place(rng, _scene_attributes(rng, n), h, w)
+            if objs is not None:
+                break
+        for o in objs:
+            o.parts = _polygon_parts(o.shape, o.cx, o.cy, o.side, o.angle)
+            rle = mask_utils.merge(mask_utils.frPyObjects(o.parts, h, w))
+            o.mask = mask_utils.decode(rle).astype(bool)
+            o.area = float(o.mask.sum())
+
+        canvas = _background(rng, h, w)
+        for o in objs:
+            fill = np.asarray(COLOURS[o.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
+            canvas[o.mask] = fill + rng.normal(0.0, 3.0, size=(int(o.mask.sum()), 3))
+        pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+
+        obj_ann_ids = []
+        for o in objs:
+            ys, xs = np.nonzero(o.mask)
+            bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat_id[o.shape],
+                    "segmentation": o.parts,
+                    "area": o.area,
+                    "bbox": bbox,
+                    "iscrowd": 0,
+                    "attributes": {"colour": o.colour, "shape": o.shape, "centre": [round(o.cx, 2), round(o.cy, 2)]},
+                }
+            )
+            obj_ann_ids.append(ann_id)
+            ann_id += 1
+
+        kinds = _generalized_candidates(rng, objs, h, w)
+        for kind, targets, texts in _pick_refs(rng, kinds, refs_per_image, fractions):
+            members = sorted(targets)
+            sentences = []
+            for text in texts:
+                sentences.append({"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text})
+                sent_id += 1
+            refs.append(
+                {
+                    "image_id": image_id,
+                    "split": splits[index],
+                    "sentences": sentences,
+                    "file_name": file_name,
+                    "category_id": [cat_id[objs[i].shape] for i in members] if members else [-1],
+                    "ann_id": [obj_ann_ids[i] for i in members] if members else [-1],
+                    "no_target": not members,
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "ref_id": ref_id,
+                }
+            )
+            ref_id += 1
+        if progress and ((index + 1) % step == 0 or index + 1 == num_images):
+            elapsed = time.monotonic() - start
+            print(f"\rsynthetic gRefCOCO: {index + 1}/{num_images} images ({elapsed:.1f} s)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+
+    instances = {
+        "info": {"description": f"vlaligner synthetic gRefCOCO (seed {seed})", "version": "1.0"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    _write_atomic(data_dir / "instances.json", json.dumps(instances, separators=(",", ":")).encode("utf-8"))
+    _write_atomic(data_dir / "grefs(unc).json", json.dumps(refs, separators=(",", ":")).encode("utf-8"))
+    return out
+
+
+def _summary_generalized(out: Path) -> str:
+    from .refer import load_refs_json
+
+    refs = load_refs_json(out / "grefcoco" / "grefs(unc).json")
+    sentences = {"single": 0, "multi": 0, "no_target": 0}
+    for r in refs:
+        ids = r["ann_id"]
+        kind = "no_target" if ids == [-1] else ("multi" if len(ids) > 1 else "single")
+        sentences[kind] += len(r["sentences"])
+    total = max(1, sum(sentences.values()))
+    parts = ", ".join(f"{k} {v} ({100.0 * v / total:.0f} %)" for k, v in sentences.items())
+    return (
+        f"wrote {out} ({len(refs)} refs, {sum(sentences.values())} sentences: {parts}); load it with "
+        f"RefDataset({str(out)!r}, 'grefcoco', 'unc', 'train')"
+    )
+
+
 def _summary(out: Path) -> str:
     from .refer import load_refs
 
@@ -430,6 +760,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="PX",
         help="one int (square) or H W; default: varied sizes 160-256 px",
     )
+    parser.add_argument(
+        "--generalized",
+        action="store_true",
+        help="write a generalized set in the gRefCOCO layout instead (sentences that refer to "
+        "several objects or to none; load it as dataset grefcoco)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     size: Union[None, int, tuple[int, int]] = None
@@ -440,13 +776,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             size = (args.image_size[0], args.image_size[1])
         else:
             parser.error(f"--image-size takes one or two ints, got {args.image_size}")
+    generate = generate_synthetic_grefcoco if args.generalized else generate_synthetic_refcoco
     try:
-        out = generate_synthetic_refcoco(
-            args.out, num_images=args.images, seed=args.seed, image_size=size, progress=not args.quiet
-        )
+        out = generate(args.out, num_images=args.images, seed=args.seed, image_size=size, progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))
-    print(_summary(out))
+    print(_summary_generalized(out) if args.generalized else _summary(out))
     return 0
 
 

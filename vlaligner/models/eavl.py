@@ -34,6 +34,7 @@ from ..fileio import atomic_write_dir, atomic_write_file, atomic_write_text
 from ..fileio import sha256_file as _sha256
 from ..aligner import FixedKernelHead, VisionLanguageAligner
 from ..neck import FusionNeck
+from ..no_target import NoTargetHead
 from ..query_generator import MultiQueryGenerator
 from .decoder import TransformerDecoder
 from .image_encoder import ImageEncoder
@@ -76,12 +77,15 @@ class EAVLOutput:
             (aligner head only), else None.
         word_attention: ``(b n l)`` vision-guided word attention of the Multi-Query
             Generator (Eq. 9, zero on padding) when ``return_word_attention=True``, else None.
+        no_target_logits: ``(b)`` logits of "the sentence refers to nothing" (gRefCOCO;
+            ``sigmoid`` > 0.5 means no target) when the model has a no-target head, else None.
     """
 
     logits: torch.Tensor
     query_scores: Optional[torch.Tensor] = None
     query_masks: Optional[torch.Tensor] = None
     word_attention: Optional[torch.Tensor] = None
+    no_target_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -135,6 +139,11 @@ class EAVL(nn.Module):
         max_length: default token count of :meth:`tokenize` (17 as RefCOCO; 22 for G-Ref).
         config: ``{"builder": name, "kwargs": {...}}`` recorded by the builders, so that
             :meth:`save_pretrained` can write how to rebuild the model.
+        no_target_head: a :class:`~vlaligner.no_target.NoTargetHead` for generalized
+            referring segmentation (gRefCOCO: sentences that refer to nothing), or None
+            (classic RIS; the default). It reads the aligner's queries and scores, the
+            decoder output (when built with ``vision_dim``) and the mask logits (when built
+            with ``use_mask_stats``); ``EAVLOutput.no_target_logits`` holds its ``(b)`` logits.
     """
 
     # nn.Module's state-dict version: bump and convert in _load_from_state_dict on renames.
@@ -153,6 +162,7 @@ class EAVL(nn.Module):
         img_size: int,
         max_length: int = 17,
         config: Optional[Dict[str, Any]] = None,
+        no_target_head: Optional[NoTargetHead] = None,
     ) -> None:
         super().__init__()
         if (text_encoder.sentence_proj is None) != (neck.sentence_proj is None):
@@ -169,12 +179,30 @@ class EAVL(nn.Module):
             )
         if img_size % INPUT_MULTIPLE:
             raise ValueError(f"img_size must be a multiple of {INPUT_MULTIPLE}, got {img_size}")
+        if no_target_head is not None:
+            if not isinstance(no_target_head, NoTargetHead):
+                raise TypeError(
+                    f"no_target_head must be a vlaligner.no_target.NoTargetHead or None, got "
+                    f"{type(no_target_head).__name__}"
+                )
+            if no_target_head.query_dim != query_generator.dim:
+                raise ValueError(
+                    f"no_target_head.query_dim ({no_target_head.query_dim}) must equal the query width "
+                    f"({query_generator.dim})"
+                )
+            if no_target_head.vision_dim not in (None, decoder.dim):
+                raise ValueError(
+                    f"no_target_head.vision_dim ({no_target_head.vision_dim}) must be None or the decoder "
+                    f"width ({decoder.dim})"
+                )
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.neck = neck
         self.query_generator = query_generator
         self.decoder = decoder
         self.head = head
+        # A submodule only when given: classic models keep exactly their tensors.
+        self.no_target_head = no_target_head
         self.tokenizer = tokenizer
         self.img_size = int(img_size)
         self.max_length = int(max_length)
@@ -186,6 +214,11 @@ class EAVL(nn.Module):
     def config(self) -> Dict[str, Any]:
         """``{"builder": name, "kwargs": {...}}``: how to rebuild this model (a copy)."""
         return json.loads(json.dumps(self._config))
+
+    @property
+    def has_no_target_head(self) -> bool:
+        """Whether the model decides "no target" (generalized referring segmentation)."""
+        return self.no_target_head is not None
 
     @property
     def use_global_vision(self) -> bool:
@@ -280,7 +313,8 @@ class EAVL(nn.Module):
             return_word_attention: also return the generator's word attention ``(b n l)``.
 
         Returns:
-            :class:`EAVLOutput` with ``logits (b 1 H/4 W/4)``.
+            :class:`EAVLOutput` with ``logits (b 1 H/4 W/4)`` (and ``no_target_logits (b)``
+            with a no-target head).
         """
         self._check_images(images)
         self._check_text(input_ids, attention_mask, images.shape[0], "images")
@@ -344,11 +378,21 @@ class EAVL(nn.Module):
         )
         decoded = self.decoder(fused, queries)
         out = self.head(decoded, queries, return_query_masks=return_query_masks)
+        no_target_logits = None
+        if self.no_target_head is not None:
+            head = self.no_target_head
+            no_target_logits = head(
+                queries,
+                out.query_scores,
+                features=decoded if head.vision_dim is not None else None,
+                mask_logits=out.logits if head.use_mask_stats else None,
+            )
         return EAVLOutput(
             logits=out.logits,
             query_scores=out.query_scores,
             query_masks=out.query_masks,
             word_attention=attention if return_word_attention else None,
+            no_target_logits=no_target_logits,
         )
 
     # ------------------------------------------------------------------ checkpoints
