@@ -123,7 +123,7 @@ def tiny():
     from vlaligner.models import build_eavl_tiny
 
     torch.manual_seed(0)
-    return build_eavl_tiny(img_size=IMG, num_queries=4).eval()
+    return build_eavl_tiny(img_size=IMG, num_queries=4, mask_bias_init=0.0).eval()
 
 
 def test_eavl_no_target_logits(tiny) -> None:

@@ -92,7 +92,7 @@ def no_model(monkeypatch):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--dataset", "coco"], "unknown --dataset 'coco'; expected one of refcoco, refcoco+, refcocog"),
+        (["--dataset", "coco"], "unknown --dataset 'coco'; expected one of refcoco, refcoco+, refcocog, grefcoco"),
         (["--data-root", "/nonexistent/refer"], "data root /nonexistent/refer does not exist"),
         (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 is not divisible by world size 1 x --grad-accum 4 = 4"),
         (["--batch-size", "8", "--batch-per-step", "3"], "--batch-size 8 is not divisible by world size 1 x --batch-per-step 3"),
@@ -100,7 +100,7 @@ def no_model(monkeypatch):
         (["--amp", "bf16"], "--amp bf16 needs a CUDA device"),
         (["--img-size", "70"], "--img-size must be a positive multiple of 32"),
         (["--resume"], "--resume: no checkpoint in"),
-        (["--dataset", "refcocog"], "without --data-root the synthetic set is used, which has refcoco (unc) only"),
+        (["--dataset", "refcocog"], "without --data-root a synthetic set is used, which exists as refcoco (unc) and grefcoco"),
         (["--dataset", "refcoco", "--split-by", "umd"], "--split-by 'umd' does not exist for refcoco"),
     ],
 )

@@ -21,29 +21,42 @@ SYNTHETIC_MARKER = "vlaligner-synthetic.json"
 SYNTHETIC_VERSION = 1
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(generalized: bool = False) -> Path:
     """Where the synthetic set is cached: ``$VLALIGNER_CACHE`` or ``$XDG_CACHE_HOME/vlaligner``
-    (``~/.cache/vlaligner``), sub-folder ``synthetic-v1``."""
+    (``~/.cache/vlaligner``), sub-folder ``synthetic-v1`` (``synthetic-gref-v1`` for the
+    generalized set)."""
     base = os.environ.get("VLALIGNER_CACHE")
     if base is None:
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlaligner")
-    return Path(base) / f"synthetic-v{SYNTHETIC_VERSION}"
+    return Path(base) / f"synthetic-{'gref-' if generalized else ''}v{SYNTHETIC_VERSION}"
 
 
 def ensure_synthetic_set(
-    cache_dir: PathLike, *, num_images: int, seed: int = 0, log: Optional[Callable[[str], None]] = None
+    cache_dir: PathLike,
+    *,
+    num_images: int,
+    seed: int = 0,
+    generalized: bool = False,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Path:
-    """Generate the synthetic RefCOCO-layout set into ``cache_dir`` once; return the data root.
+    """Generate the synthetic set into ``cache_dir`` once; return the data root.
+
+    ``generalized=False``: the RefCOCO layout (``generate_synthetic_refcoco``, data set
+    ``refcoco``); ``True``: the gRefCOCO layout with multi- and no-target sentences
+    (``generate_synthetic_grefcoco``, data set ``grefcoco``).
 
     The folder records its generation parameters in ``vlaligner-synthetic.json``; a folder
     made with other parameters is regenerated. Generation goes to a temporary sibling that is
     renamed into place (a killed generation never leaves a half set), under a file lock so
     that concurrent processes (torchrun ranks, parallel runs) generate it once.
     """
-    from .synthetic import generate_synthetic_refcoco
+    from .synthetic import generate_synthetic_grefcoco, generate_synthetic_refcoco
 
     cache_dir = Path(cache_dir).expanduser()
     wanted = {"version": SYNTHETIC_VERSION, "num_images": int(num_images), "seed": int(seed)}
+    if generalized:  # only then, so that caches of the classic set stay valid
+        wanted["generalized"] = True
+    generate = generate_synthetic_grefcoco if generalized else generate_synthetic_refcoco
 
     def current() -> Optional[dict]:
         try:
@@ -60,10 +73,11 @@ def ensure_synthetic_set(
             return cache_dir
         if log is not None:
             what = "generating" if found is None else f"regenerating (it was made with {found})"
-            log(f"{what} the synthetic set ({num_images} images, seed {seed}) in {cache_dir}")
+            kind = "generalized synthetic set" if generalized else "synthetic set"
+            log(f"{what} the {kind} ({num_images} images, seed {seed}) in {cache_dir}")
 
         def write(tmp: Path) -> None:
-            generate_synthetic_refcoco(tmp, num_images=int(num_images), seed=int(seed))
+            generate(tmp, num_images=int(num_images), seed=int(seed))
             (tmp / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
 
         atomic_write_dir(cache_dir, write)

@@ -14,23 +14,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 def check_data_root(root: PathLike, dataset: str, split_by: str) -> None:
     """Raise ``FileNotFoundError`` naming what is missing when ``root`` is not a refer layout.
 
-    Cheap (file existence only), so that a wrong ``--data-root`` fails before any model is built.
+    Cheap (file existence only), so that a wrong ``--data-root`` fails before any model is
+    built. RefCOCO / RefCOCO+ / G-Ref: ``<dataset>/refs(<split_by>).p``,
+    ``<dataset>/instances.json``, ``images/mscoco/images/train2014/``; gRefCOCO:
+    ``grefcoco/grefs(<split_by>).json`` (or ``.p``), ``grefcoco/instances.json``,
+    ``images/train2014/`` (or RefCOCO's image folder).
     """
+    from .refer import missing_data_files
+
     root = Path(root).expanduser()
-    layout = (
-        f"expected {root}/{dataset}/refs({split_by}).p, {root}/{dataset}/instances.json and "
-        f"{root}/images/mscoco/images/train2014/ (see docs/data.md)"
-    )
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist; {layout}")
-    missing = [
-        str(p)
-        for p in (
-            root / dataset / f"refs({split_by}).p",
-            root / dataset / "instances.json",
-            root / "images" / "mscoco" / "images" / "train2014",
-        )
-        if not p.exists()
-    ]
+        raise FileNotFoundError(f"data root {root} does not exist (see docs/data.md for the layout)")
+    missing = missing_data_files(root, dataset, split_by)
     if missing:
-        raise FileNotFoundError(f"data root {root} is incomplete: missing {', '.join(missing)}; {layout}")
+        raise FileNotFoundError(f"data root {root} is incomplete: missing {', '.join(missing)} (see docs/data.md)")

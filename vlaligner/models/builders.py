@@ -12,6 +12,7 @@ again; ``tokenizer`` and ``text_config`` are not recorded (a checkpoint carries 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..aligner import FixedKernelHead, VisionLanguageAligner
 from ..neck import FusionNeck
+from ..no_target import NoTargetHead
 from ..query_generator import MultiQueryGenerator
 from .decoder import TransformerDecoder
 from .eavl import INPUT_MULTIPLE, EAVL
@@ -195,6 +197,7 @@ def _assemble(
     neck_fuse_kernel_size: int = 3,
     mask_bias_init: float = 0.0,
     aggregation: str = "logits",
+    no_target: bool = False,
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -237,10 +240,15 @@ def _assemble(
             in_channels=dim, kernel_size=kernel_size, num_upsamples=2, mask_channels=mask_channels,
             hidden_channels=up_channels, mask_bias_init=mask_bias_init,
         )
+    no_target_head = (
+        NoTargetHead(query_dim=dim, vision_dim=dim, use_mask_stats=True, bias_init=math.log(0.1 / 0.9))
+        if no_target else None
+    )
     return EAVL(
         image_encoder=image_encoder, text_encoder=text_encoder, neck=neck, query_generator=generator,
         decoder=decoder, head=head_module, tokenizer=tokenizer, img_size=img_size,
         max_length=max_length, config={"builder": builder, "kwargs": recorded},
+        no_target_head=no_target_head,
     )
 
 
@@ -275,6 +283,7 @@ def build_eavl_swin_b(
     up_channels: Sequence[int] = (512, 256),
     neck_fuse_kernel_size: int = 1,
     aggregation: str = "logits",
+    no_target: bool = False,
     backbone: str = "swin_base_patch4_window12_384",
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     text_model: str = "bert-base-uncased",
@@ -302,6 +311,8 @@ def build_eavl_swin_b(
             width after each round (CRIS: 256 and (512, 256)).
         neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (CRIS: 1).
         aggregation: the reading of Eq. 14 (see :class:`~vlaligner.VisionLanguageAligner`).
+        no_target: add a :class:`~vlaligner.no_target.NoTargetHead` (generalized RIS, gRefCOCO):
+            ``EAVLOutput.no_target_logits (b)``.
         backbone: timm model name; ``backbone_kwargs`` go to ``timm.create_model``.
         text_model: hub name or local folder. A local folder is always loaded with its weights
             (``from_pretrained``, offline). ``"bert-base-uncased"`` without ``pretrained`` is
@@ -318,7 +329,7 @@ def build_eavl_swin_b(
         img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
         use_global_vision=use_global_vision, use_global_text=use_global_text,
         kernel_size=kernel_size, dim=dim, mask_channels=mask_channels, up_channels=tuple(up_channels),
-        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, backbone=backbone,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, no_target=no_target, backbone=backbone,
         backbone_kwargs=dict(backbone_kwargs or {}), text_model=text_model, max_length=max_length,
     )
     language_model = _language_model(
@@ -339,7 +350,7 @@ def build_eavl_swin_b(
         use_global_text=use_global_text, kernel_size=kernel_size,
         pool_heads=16, decoder_layers=3, decoder_heads=8, ffn_dim=2048, dropout=0.1,
         aligner_heads=8, max_length=max_length, mask_channels=mask_channels, up_channels=up_channels,
-        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, no_target=no_target,
     )
 
 
@@ -369,6 +380,7 @@ def build_eavl_tiny(
     neck_fuse_kernel_size: int = 3,
     mask_bias_init: float = TINY_MASK_BIAS_INIT,
     aggregation: str = "logits",
+    no_target: bool = False,
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
@@ -407,6 +419,7 @@ def build_eavl_tiny(
         mask_bias_init: initial bias of the masks (a foreground prior; 0 for none).
         aggregation: ``"logits"`` or ``"probabilities"``: the reading of Eq. 14 (see
             :class:`~vlaligner.VisionLanguageAligner`).
+        no_target: add the no-target head (generalized RIS), as in :func:`build_eavl_swin_b`.
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
     if pretrained and backbone_weights is None:
@@ -427,7 +440,7 @@ def build_eavl_tiny(
         text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
         decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation, max_length=max_length,
+        aggregation=aggregation, no_target=no_target, max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
     if text_model is not None or text_config is not None:
@@ -457,5 +470,5 @@ def build_eavl_tiny(
         aligner_heads=8 if dim % 8 == 0 else 4, max_length=max_length,
         mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation,
+        aggregation=aggregation, no_target=no_target,
     )

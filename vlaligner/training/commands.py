@@ -17,9 +17,10 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..fileio import atomic_write_text
+from ..gres_eval import gres_evaluate
 from .distributed import DistEnv, init_distributed
-from .evaluation import evaluate, format_metrics_table
-from .options import UsageError, build_eval_parser, build_train_parser, resolve_eval_args, resolve_train_args
+from .evaluation import GRES_KEYS, evaluate, format_metrics_table
+from .options import GENERALIZED, UsageError, build_eval_parser, build_train_parser, resolve_eval_args, resolve_train_args
 from .sampler import ShardedSampler
 from .trainer import LOG, Interrupted, Trainer
 
@@ -69,6 +70,7 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
     init_distributed(env, device)
     if args.data_root is None:
         root = ensure_synthetic_set(args.cache_dir, num_images=args.synthetic_images,
+                                    generalized=args.dataset in GENERALIZED,
                                     log=lambda m: print(m, file=sys.stderr) if env.is_main else None)
     else:
         root = args.data_root
@@ -85,10 +87,19 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
             generator=torch.Generator().manual_seed(0),
         )
         t0 = time.perf_counter()
-        metrics = evaluate(model, loader, device=device, at_original_size=not args.resized,
-                           threshold=args.threshold, amp_dtype=amp_dtype,
-                           progress=not args.no_progress, description=f"eval {split}",
-                           query_diversity=True)
+        if args.dataset in GENERALIZED:
+            if model.no_target_head is None:
+                raise UsageError(
+                    f"--dataset {args.dataset} is evaluated with the GRES metrics, which need a model with a "
+                    f"no-target head; {args.checkpoint} has none (train it with --dataset {args.dataset})"
+                )
+            metrics = gres_evaluate(model, loader, device=device, threshold=args.threshold,
+                                    at_original_size=not args.resized)
+        else:
+            metrics = evaluate(model, loader, device=device, at_original_size=not args.resized,
+                               threshold=args.threshold, amp_dtype=amp_dtype,
+                               progress=not args.no_progress, description=f"eval {split}",
+                               query_diversity=True)
         if env.is_main:
             print(f"{split}: {metrics['num_samples']} samples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         results[split] = {k: v for k, v in metrics.items() if k != "num_samples"}
@@ -104,11 +115,19 @@ def evaluate_main(argv: Optional[Sequence[str]] = None, *, prog: str = "evaluate
     except UsageError as err:
         parser.error(str(err))
     try:
-        results = run_evaluation(args, env)
+        try:
+            results = run_evaluation(args, env)
+        except UsageError as err:
+            if env.is_main:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
         if env.is_main:
             convention = "input size (LAVT)" if args.resized else "original size"
             print(f"{args.checkpoint} on {args.dataset} ({args.split_by}), compared at the {convention}, percent:")
-            print(format_metrics_table(results))
+            if args.dataset in GENERALIZED:
+                print(format_metrics_table(results, keys=GRES_KEYS))
+            else:
+                print(format_metrics_table(results))
             diversity = {s: m for s, m in results.items() if "query_mask_iou" in m}
             if diversity:
                 print(format_diversity_table(diversity))

@@ -11,7 +11,7 @@ of the whole split.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,10 @@ from torch import nn
 from ..metrics import METRIC_KEYS, RISMetricAccumulator
 from .distributed import dist_ready, unwrap_model
 
-__all__ = ["predict_masks", "evaluate", "format_metrics_table", "DIVERSITY_KEYS"]
+__all__ = ["predict_masks", "evaluate", "format_metrics_table", "DIVERSITY_KEYS", "GRES_KEYS"]
+
+#: The columns of the evaluation table on a generalized data set (ReLA's metrics, percent).
+GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
 #: The query-diversity columns ``evaluate(query_diversity=True)`` adds (means over samples).
 DIVERSITY_KEYS = ("query_mask_iou", "score_spread", "score_entropy", "attention_entropy", "attention_distance")
@@ -179,9 +182,9 @@ def _has_query_outputs(model: nn.Module) -> bool:
     return head is not None and hasattr(head, "mask_generator") and hasattr(model, "query_generator")
 
 
-def format_metrics_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """A plain-text table: one row per split, columns oIoU, mIoU, Pr@0.5-0.9 (percent)."""
-    keys = list(METRIC_KEYS)
+def format_metrics_table(results: Mapping[str, Mapping[str, float]], keys: Optional[Sequence[str]] = None) -> str:
+    """A plain-text table: one row per split, columns ``keys`` (default oIoU, mIoU, Pr@0.5-0.9; percent)."""
+    keys = list(METRIC_KEYS if keys is None else keys)
     width = max([5] + [len(s) for s in results])
     header = f"{'split':<{width}} " + " ".join(f"{k:>7}" for k in keys)
     lines = [header, "-" * len(header)]

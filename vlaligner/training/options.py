@@ -28,7 +28,7 @@ from .recipes import RECIPE_FIELDS, RECIPES, resolve_recipe
 
 __all__ = [
     "UsageError", "DATASETS", "DEFAULT_SPLIT_BY", "SPLIT_BYS", "PAPER_DEFAULTS", "DEMO_DEFAULTS", "DEMO_MODEL_KWARGS",
-    "build_train_parser", "resolve_train_args", "build_eval_parser", "resolve_eval_args", "SPLITS",
+    "build_train_parser", "resolve_train_args", "build_eval_parser", "resolve_eval_args", "SPLITS", "GENERALIZED",
 ]
 
 
@@ -57,10 +57,11 @@ def _check_data_source(args: argparse.Namespace) -> None:
             check_data_root(args.data_root, args.dataset, args.split_by)
         except FileNotFoundError as err:
             raise UsageError(f"--data-root: {err}") from None
-    elif (args.dataset, args.split_by) != ("refcoco", "unc"):
+    elif (args.dataset, args.split_by) not in (("refcoco", "unc"), ("grefcoco", "unc")):
         raise UsageError(
-            f"without --data-root the synthetic set is used, which has refcoco (unc) only; "
-            f"got --dataset {args.dataset} --split-by {args.split_by}: pass --data-root for real data"
+            f"without --data-root a synthetic set is used, which exists as refcoco (unc) and grefcoco (unc, "
+            f"the generalized one) only; got --dataset {args.dataset} --split-by {args.split_by}: pass "
+            "--data-root for real data"
         )
 
 
@@ -71,9 +72,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-DATASETS = ("refcoco", "refcoco+", "refcocog")
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
-SPLIT_BYS = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+DATASETS = ("refcoco", "refcoco+", "refcocog", "grefcoco")
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}
+SPLIT_BYS = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google"), "grefcoco": ("unc",)}
+#: Data sets whose sentences may name several objects or none (gRefCOCO): trained with the
+#: no-target head and its loss, evaluated with the GRES metrics.
+GENERALIZED = ("grefcoco",)
 
 # The paper's run (spec section 7); used for every option the command line leaves unset.
 # The optimisation itself (optimizer, lr, warm-up, ...) comes from the model's recipe.
@@ -184,7 +188,12 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                    help="also save last/ when this many minutes passed since the last save (0: off; default 10)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: worth it for long runs)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="per-process evaluation batch")
-    g.add_argument("--best-metric", choices=("mIoU", "oIoU"), default="mIoU")
+    g.add_argument("--best-metric", choices=("mIoU", "oIoU", "gIoU", "cIoU"), default=None,
+                   help="validation metric that picks best/ (default mIoU; gIoU on grefcoco)")
+    g.add_argument("--no-target-weight", type=float, default=1.0,
+                   help="grefcoco: weight of the no-target BCE term added to the mask loss")
+    g.add_argument("--no-target-pos-weight", type=float, default=9.0,
+                   help="grefcoco: positive-class weight of the no-target BCE (about targeted / no-target)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an output dir of an earlier run (removes only that run's own files)")
@@ -237,6 +246,18 @@ def resolve_train_args(
     for name in ("eval_every", "save_every", "num_workers"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.best_metric is None:
+        args.best_metric = "gIoU" if args.dataset in GENERALIZED else "mIoU"
+    elif (args.best_metric in ("gIoU", "cIoU")) != (args.dataset in GENERALIZED):
+        raise UsageError(
+            f"--best-metric {args.best_metric} does not apply to {args.dataset}: mIoU / oIoU for "
+            "RefCOCO-style sets, gIoU / cIoU for grefcoco"
+        )
+    if args.no_target_weight < 0 or args.no_target_pos_weight <= 0:
+        raise UsageError(
+            f"--no-target-weight must be >= 0 and --no-target-pos-weight > 0, got {args.no_target_weight}, "
+            f"{args.no_target_pos_weight}"
+        )
     if args.save_every_minutes < 0:
         raise UsageError(f"--save-every-minutes must be >= 0, got {args.save_every_minutes}")
     try:
@@ -289,7 +310,7 @@ def resolve_train_args(
     _resolve_device(args)
     _check_data_source(args)
     if args.cache_dir is None:
-        args.cache_dir = default_cache_dir()
+        args.cache_dir = default_cache_dir(generalized=args.dataset in GENERALIZED)
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{args.model}-{args.dataset}"
     args.output_dir = Path(args.output_dir)
@@ -322,6 +343,7 @@ SPLITS = {
     ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
     ("refcocog", "umd"): ("train", "val", "test"),
     ("refcocog", "google"): ("train", "val"),
+    ("grefcoco", "unc"): ("train", "val", "testA", "testB"),
 }
 
 
@@ -390,7 +412,10 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
     _check_data_source(args)
     if args.data_root is None:
         if args.cache_dir is None:
-            args.cache_dir = Path(trained["cache_dir"]) if trained.get("cache_dir") else default_cache_dir()
+            args.cache_dir = (
+                Path(trained["cache_dir"]) if trained.get("cache_dir")
+                else default_cache_dir(generalized=args.dataset in GENERALIZED)
+            )
         if args.synthetic_images is None:
             args.synthetic_images = int(trained.get("synthetic_images", 800))
     if args.img_size is None and trained.get("img_size"):

@@ -30,12 +30,14 @@ from torch import nn
 
 from ..data.cache import ensure_synthetic_set
 from ..fileio import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl
+from ..gres_eval import gres_evaluate
+from ..gres_losses import mask_targets_for_no_target, no_target_loss
 from ..losses import mask_bce_loss, soft_dice_loss
 from ..viz import plot_training_curves, save_prediction_grid
 from .checkpoint import jsonable, load_checkpoint, load_model_weights, save_checkpoint
 from .distributed import DistEnv, all_gather_objects, barrier, init_distributed, mean_over_processes, unwrap_model
-from .evaluation import evaluate, format_metrics_table, predict_masks
-from .options import UsageError
+from .evaluation import GRES_KEYS, evaluate, format_metrics_table, predict_masks
+from .options import GENERALIZED, UsageError
 from .outputs import RunManifest, check_output_dir, setup_logging
 from .recipes import RECIPE_FIELDS, resolve_recipe
 from .rng import capture_rng_state, restore_rng_state, seed_everything
@@ -59,6 +61,8 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
     if getattr(args, "mask_bias_init", None) is not None and "mask_bias_init" not in kwargs:
         kwargs["mask_bias_init"] = args.mask_bias_init
+    if getattr(args, "dataset", None) in GENERALIZED:
+        kwargs.setdefault("no_target", True)
     kwargs.update(
         head=args.head,
         use_estimator=not args.no_estimator,
@@ -150,6 +154,8 @@ class Trainer:
             self.device = torch.device("cuda", env.local_rank)
         self.out = Path(args.output_dir)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        #: gRefCOCO-style data: the no-target head, its loss, and the GRES metrics.
+        self.generalized = getattr(args, "dataset", None) in GENERALIZED
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -178,9 +184,10 @@ class Trainer:
 
         if args.data_root is None:
             self.data_root = ensure_synthetic_set(
-                args.cache_dir, num_images=args.synthetic_images, seed=0, log=LOG.info
+                args.cache_dir, num_images=args.synthetic_images, seed=0, log=LOG.info,
+                generalized=self.generalized,
             )
-            LOG.info("data: synthetic set in %s", self.data_root)
+            LOG.info("data: %ssynthetic set in %s", "generalized " if self.generalized else "", self.data_root)
         else:
             self.data_root = Path(args.data_root)
 
@@ -352,11 +359,17 @@ class Trainer:
     def run_eval(self) -> dict:
         loader = make_loader(self.val_set, self.val_sampler, self.args.eval_batch_size, self.args, self.device, seed=0)
         t0 = time.perf_counter()
-        metrics = evaluate(
-            self.model, loader, device=self.device, amp_dtype=self.amp_dtype,
-            progress=not self.args.no_progress, description=f"eval {self.args.val_split}",
-            query_diversity=True,
-        )
+        if self.generalized:
+            was_training = self.model.training
+            with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+                metrics = gres_evaluate(self.model, loader, device=self.device)
+            self.model.train(was_training)
+        else:
+            metrics = evaluate(
+                self.model, loader, device=self.device, amp_dtype=self.amp_dtype,
+                progress=not self.args.no_progress, description=f"eval {self.args.val_split}",
+                query_diversity=True,
+            )
         self.last_eval_step = self.step
         score = metrics[self.args.best_metric]
         improved = score > self.best_score
@@ -367,11 +380,12 @@ class Trainer:
                        time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.manifest.add("metrics.jsonl")
             append_jsonl(self.out / "metrics.jsonl", row)
+            keys = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9") if self.generalized else (
+                "oIoU", "mIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9")
             LOG.info(
-                "eval %s at step %d: oIoU %.2f mIoU %.2f Pr@0.5 %.2f Pr@0.7 %.2f Pr@0.9 %.2f (%d samples, %.1f s)%s",
-                self.args.val_split, self.step, metrics["oIoU"], metrics["mIoU"], metrics["Pr@0.5"],
-                metrics["Pr@0.7"], metrics["Pr@0.9"], metrics.get("num_samples", 0), time.perf_counter() - t0,
-                " new best" if improved else "",
+                "eval %s at step %d: %s (%d samples, %.1f s)%s", self.args.val_split, self.step,
+                " ".join(f"{k} {metrics[k]:.2f}" for k in keys), metrics.get("num_samples", 0),
+                time.perf_counter() - t0, " new best" if improved else "",
             )
             if "query_mask_iou" in metrics:
                 LOG.info(
@@ -423,9 +437,16 @@ class Trainer:
                                 batch["attention_mask"].to(self.device, non_blocking=True),
                             )
                         target = batch["mask"].to(self.device, non_blocking=True)
+                        if self.generalized:
+                            no_target = batch["no_target"].to(self.device)
+                            target = mask_targets_for_no_target(target, no_target)
                         loss = mask_bce_loss(out.logits.float(), target)
                         if args.dice_weight:
                             loss = loss + args.dice_weight * soft_dice_loss(out.logits.float(), target)
+                        if self.generalized and args.no_target_weight:
+                            loss = loss + args.no_target_weight * no_target_loss(
+                                out.no_target_logits.float(), no_target, pos_weight=args.no_target_pos_weight
+                            )
                         self.scaler.scale(loss / args.grad_accum).backward()
                     loss_sum += loss.detach()
                 if args.clip_grad > 0:
@@ -521,7 +542,7 @@ class Trainer:
             if best is not None:
                 results[f"{args.val_split} (best, step {best['step']})"] = best["metrics"]
                 atomic_write_text(self.out / "best" / "metrics.json", json.dumps({args.val_split: best["metrics"]}, indent=1))
-            LOG.info("results:\n%s", format_metrics_table(results))
+            LOG.info("results:\n%s", format_metrics_table(results, keys=GRES_KEYS if self.generalized else None))
             self.write_predictions()
             LOG.info("curves: %s, predictions: %s", self.out / "curves.png", self.out / "predictions.png")
             summary = {"best": best, "last": rows[-1] if rows else None}
