@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .check import DataCheckReport, DataProblem, check_data
 from .collate import collate_ref_batch
 from .refer import (
     DATASET_SPLITS,
@@ -24,6 +25,7 @@ from .transforms import (
     IMAGENET_STD,
     hflip_sample,
     load_image,
+    pil_to_rgb,
     preprocess_image,
     resize_mask,
     swap_left_right,
@@ -42,7 +44,11 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_image",
+    "pil_to_rgb",
     "preprocess_image",
+    "check_data",
+    "DataCheckReport",
+    "DataProblem",
     "resize_mask",
     "swap_left_right",
     "hflip_sample",
