@@ -512,6 +512,7 @@ class EAVL(nn.Module):
                     f"{config_path}: kwargs must not hold {key!r} (from_pretrained never downloads and "
                     f"reads the tokenizer and text config from the folder itself); remove it"
                 )
+        _check_builder_kwargs(config_path, builder_name, BUILDERS[builder_name], config["kwargs"])
         recorded = config.get("weights_sha256")
         if not isinstance(recorded, str) or len(recorded) != 64:
             raise ValueError(
@@ -649,6 +650,29 @@ def _read_config(path: Path, expected: str) -> Dict[str, Any]:
             f"<= {FORMAT_VERSION} (saved by vlaligner {config.get('vlaligner_version')!r}: upgrade vlaligner)"
         )
     return config
+
+
+def _check_builder_kwargs(config_path: Path, name: str, builder: Any, kwargs: Dict[str, Any]) -> None:
+    """Refuse recorded arguments the builder does not take, and a timm backbone timm does not know."""
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in kwargs if k not in params)
+        if unknown:
+            raise ValueError(
+                f"{config_path}: builder {name!r} does not accept the recorded arguments {unknown}; was the "
+                f"folder saved by another vlaligner version (this is {__version__})?"
+            )
+    backbone = kwargs.get("backbone")
+    if backbone is not None:
+        import timm
+
+        if not isinstance(backbone, str) or (":" not in backbone and not timm.is_model(backbone)):
+            raise ValueError(
+                f"{config_path}: backbone {backbone!r} is not a model this timm {timm.__version__} knows; "
+                "cannot rebuild the model (was it saved with another timm version?)"
+            )
 
 
 def _check_safetensors_header(path: Path) -> None:
