@@ -123,7 +123,7 @@ DATASET_ERRORS = [
     ("ref-to-missing-image", _edit_refs(lambda refs: _first(refs).update(image_id=88888)), "train", ValueError,
      r"refs\(unc\).p: ref \d+ .* points to image 88888"),
     ("ref-without-sentences-key", _edit_refs(lambda refs: _first(refs).pop("sentences")), "train", ValueError,
-     r"refs file .*refs\(unc\).p: entry \d+ \(ref_id \d+\) has no \['sentences'\]"),
+     r"refs file .*refs\(unc\).p: entry \d+ must be a dict with keys .*; ref_id \d+ has no \['sentences'\]"),
     ("ref-id-not-int", _edit_refs(lambda refs: _first(refs).update(ref_id="seven")), "train", ValueError,
      r"refs\(unc\).p: ref 'seven' \(entry \d+\): ref_id must be an integer id"),
     ("sentence-id-not-int", _edit_refs(lambda refs: _first(refs)["sentences"][0].update(sent_id="abc")), "train", ValueError,

@@ -155,7 +155,10 @@ def ref_problems(ref: Any, index: int) -> list[str]:
         return [f"entry {index} must be a dict with keys {list(_REF_KEYS)}, got {type(ref).__name__}"]
     missing = [k for k in _REF_KEYS if k not in ref]
     if missing:
-        return [f"entry {index} (ref_id {ref.get('ref_id')!r}) has no {missing} (keys: {sorted(map(str, ref))})"]
+        return [
+            f"entry {index} must be a dict with keys {list(_REF_KEYS)}; ref_id {ref.get('ref_id')!r} has no "
+            f"{missing} (keys: {sorted(map(str, ref))})"
+        ]
     name = f"ref {ref['ref_id']!r} (entry {index})"
     problems = [
         f"{name}: {key} must be an integer id, got {ref[key]!r}"

@@ -446,6 +446,8 @@ class EAVL(nn.Module):
                 f"{sorted(config['kwargs'])} ({error}); was the folder saved by another vlaligner "
                 f"version ({config.get('vlaligner_version')!r}, this is {__version__})?"
             ) from error
+        except FileNotFoundError:  # names the missing file of the folder itself
+            raise
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             # e.g. an unknown timm backbone ("Unknown model"), a bad text_config/ folder.
             raise ValueError(
