@@ -225,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "SHA-256 of its weights are checked)")
     info.set_defaults(handler=_cmd_info)
 
-    from vlaligner.data.refer import DATASET_SPLITS
-
     check = sub.add_parser(
         "check-data",
         help="check a refer-layout data folder in one pass and print a summary table",
@@ -239,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument("root", metavar="ROOT", help="the data root (holding refcoco/ ... and images/)")
-    check.add_argument("--dataset", required=True, choices=list(DATASET_SPLITS),
+    check.add_argument("--dataset", required=True, choices=["refcoco", "refcoco+", "refcocog"],
                        help="which data set to check")
     check.add_argument("--split-by", default=None,
                        help="unc (refcoco, refcoco+), umd or google (refcocog); default unc / umd")
