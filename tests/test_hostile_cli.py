@@ -243,6 +243,17 @@ def test_checkpoint_load_paths_refuse_damaged_folders(ckpt_copy, name, mutate, e
     assert _tree(ckpt_copy) == before
 
 
+def test_diverged_weights_are_refused(tmp_path):
+    from vlaligner.models import EAVL, build_eavl_tiny
+
+    model = build_eavl_tiny(img_size=IMG, num_queries=3)
+    with torch.no_grad():
+        model.head.estimator.score.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")  # hash recorded: the file is intact, its values are not
+    with pytest.raises(ValueError, match=r"model.safetensors: 1 tensor\(s\) hold NaN or inf values, first: \['head.estimator.score.weight'\]"):
+        EAVL.from_pretrained(tmp_path / "nan")
+
+
 def test_checkpoint_path_is_a_file(checkpoint):
     from vlaligner.models import EAVL
 

@@ -309,3 +309,12 @@ def test_check_data_command(root, capsys, mutate, args, code, out_needles, err_n
     if code == 2:
         assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
     assert (_hashes(root) if root.exists() else {}) == before
+
+
+def test_check_data_command_knows_every_dataset():
+    from vlaligner.cli import build_parser
+    from vlaligner.data import DATASET_SPLITS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    dataset = next(a for a in sub.choices["check-data"]._actions if a.dest == "dataset")
+    assert sorted(dataset.choices) == sorted(DATASET_SPLITS)

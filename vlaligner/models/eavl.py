@@ -426,8 +426,12 @@ class EAVL(nn.Module):
         Raises:
             FileNotFoundError: the folder or one of its files is missing (lists what a folder
                 must hold).
-            ValueError: pickle-only folder, unreadable/tampered weights or config, unknown
-                builder, or weights of another variant (names the first differing tensors).
+            ValueError: pickle-only folder, unreadable/tampered weights or config, missing
+                hash, unknown builder or backbone, weights holding NaN / inf, or weights of
+                another variant (names the first differing tensors).
+
+        Nothing is downloaded, ever: a ``config.json`` that asks for pretrained weights is
+        refused (see :meth:`check_pretrained`).
         """
         from .builders import BUILDERS
 
@@ -456,6 +460,12 @@ class EAVL(nn.Module):
                 f"{type(error).__name__}: {error}"
             ) from error
         state = _load_safetensors(weights)
+        non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if non_finite:
+            raise ValueError(
+                f"{weights}: {len(non_finite)} tensor(s) hold NaN or inf values, first: {non_finite[:3]}; "
+                "the run that saved them had diverged (its loss became NaN / inf): use an earlier checkpoint"
+            )
         model.load_checkpoint_state(state, strict=strict, source=str(weights))
         # Eval mode, as transformers' from_pretrained: dropout off, BatchNorm on saved statistics.
         return model.to(map_location).eval()
