@@ -247,7 +247,7 @@ class EAVL(nn.Module):
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(
                 f"attention_mask must be an integer or bool tensor (1 / True = real token), got dtype "
-                f"{attention_mask.dtype}"
+                f"{attention_mask.dtype} (an additive float mask of 0 / -inf would be read inverted)"
             )
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
