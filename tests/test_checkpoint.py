@@ -21,6 +21,15 @@ SIZE = 64
 SENTENCES = ["the red circle on the left", "blue square"]
 
 
+def _rehash(directory):
+    """Record the SHA-256 of the folder's current weights in its config.json."""
+    import hashlib
+
+    config = json.loads((directory / "config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    (directory / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # Loading a checkpoint must never need the network, nor unpickle anything.
@@ -200,13 +209,11 @@ def test_tampered_weights_are_refused(saved, tmp_path):
         EAVL.from_pretrained(target)
 
 
-def test_corrupt_weights_without_checksum_are_refused(saved, tmp_path):
+def test_corrupt_weights_with_matching_checksum_are_refused(saved, tmp_path):
     target = copy_of(saved[1], tmp_path)
-    config = json.loads((target / "config.json").read_text())
-    del config["weights_sha256"]
-    (target / "config.json").write_text(json.dumps(config))
     data = (target / "model.safetensors").read_bytes()
     (target / "model.safetensors").write_bytes(b"\xff\xff\xff\xff" + data[4:200])  # bad header, truncated
+    _rehash(target)  # the recorded hash matches the broken file: only its structure can tell
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         EAVL.from_pretrained(target)
 
@@ -216,9 +223,7 @@ def test_checkpoint_of_another_variant_names_the_shapes(saved, tmp_path):
     other = build_eavl_tiny(img_size=SIZE, num_queries=6)
     other.save_pretrained(tmp_path / "other")
     shutil.copy(directory / "model.safetensors", tmp_path / "other" / "model.safetensors")
-    config = json.loads((tmp_path / "other" / "config.json").read_text())
-    del config["weights_sha256"]  # a hand-made folder: only the shapes can tell
-    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+    _rehash(tmp_path / "other")  # a hand-made folder with a valid hash: only the shapes can tell
     with pytest.raises(ValueError, match=r"another shape.*query_maps.*checkpoint \(4, .*\) vs model \(6, .*another variant"):
         EAVL.from_pretrained(tmp_path / "other")
 
@@ -228,9 +233,7 @@ def test_missing_and_unexpected_tensors_are_named(saved, tmp_path):
     fixed = build_eavl_tiny(img_size=SIZE, num_queries=4, head="fixed")
     fixed.save_pretrained(tmp_path / "fixed")
     shutil.copy(directory / "model.safetensors", tmp_path / "fixed" / "model.safetensors")
-    config = json.loads((tmp_path / "fixed" / "config.json").read_text())
-    del config["weights_sha256"]
-    (tmp_path / "fixed" / "config.json").write_text(json.dumps(config))
+    _rehash(tmp_path / "fixed")
     with pytest.raises(ValueError, match=r"missing, first: head\.projection.*unexpected, first: head\.mask_generator.*another variant"):
         EAVL.from_pretrained(tmp_path / "fixed")
 

@@ -355,10 +355,12 @@ def test_load_image_converts_modes(tmp_path: Path) -> None:
     assert img.mode == "RGB" and img.size == (10, 12)
     np.testing.assert_array_equal(np.asarray(img)[:, :, 1], grey)
     rgba = np.zeros((5, 6, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[..., 3] = 200, 7
+    rgba[..., 0] = 200
+    rgba[0, 0, 3] = 255  # opaque: its colour; transparent elsewhere: white, as a viewer shows it
     Image.fromarray(rgba).save(tmp_path / "a.png")
     img = load_image(tmp_path / "a.png")
     assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [200, 0, 0]
+    assert np.asarray(img)[1, 1].tolist() == [255, 255, 255]
     with pytest.raises(FileNotFoundError, match="image file not found: .*missing.jpg"):
         load_image(tmp_path / "missing.jpg")
 
@@ -374,8 +376,10 @@ def test_preprocess_image_inputs() -> None:
     np.testing.assert_allclose(
         grey[:, 0, 0].numpy(), (100 / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5
     )
-    rgba = np.concatenate([rgb, np.zeros((20, 30, 1), np.uint8)], axis=2)
-    torch.testing.assert_close(preprocess_image(rgba, 8), preprocess_image(rgb, 8))
+    opaque = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=2)
+    torch.testing.assert_close(preprocess_image(opaque, 8), preprocess_image(rgb, 8))
+    clear = np.concatenate([rgb, np.zeros((20, 30, 1), np.uint8)], axis=2)  # composited on white
+    torch.testing.assert_close(preprocess_image(clear, 8), preprocess_image(np.full_like(rgb, 255), 8))
     with pytest.raises(TypeError, match="image array must be uint8 .* got dtype float32"):
         preprocess_image(rgb.astype(np.float32), 8)
     with pytest.raises(ValueError, match=r"image array must have shape \(H W 3\), \(H W 4\) or \(H W\), got \(4, 4, 2\)"):

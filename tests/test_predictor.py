@@ -102,14 +102,14 @@ def test_greyscale_and_rgba_inputs(predictor):
         pred = predictor.predict(image, sentence)
         assert pred.mask.shape == (h, w)
         np.testing.assert_allclose(pred.probability, ref_grey, atol=1e-6)
-    # RGBA: the alpha channel is dropped, the colours under it kept
-    alpha = np.full((h, w, 1), 7, np.uint8)
-    rgba = np.concatenate([rgb, alpha], axis=2)
-    ref = predictor.predict(rgb, sentence).probability
-    for image in (rgba, Image.fromarray(rgba, mode="RGBA")):
-        pred = predictor.predict(image, sentence)
-        assert pred.mask.shape == (h, w)
-        np.testing.assert_allclose(pred.probability, ref, atol=1e-6)
+    # RGBA: composited on white, as a viewer shows it (opaque: the colours; clear: white)
+    for alpha, seen in ((255, rgb), (0, np.full_like(rgb, 255))):
+        rgba = np.concatenate([rgb, np.full((h, w, 1), alpha, np.uint8)], axis=2)
+        ref = predictor.predict(seen, sentence).probability
+        for image in (rgba, Image.fromarray(rgba)):
+            pred = predictor.predict(image, sentence)
+            assert pred.mask.shape == (h, w)
+            np.testing.assert_allclose(pred.probability, ref, atol=1e-6)
 
 
 def test_path_inputs(predictor, tmp_path):
@@ -316,8 +316,8 @@ def test_as_rgb_array_pil_modes():
     for img in (palette, wide, Image.new("CMYK", (4, 3)), Image.new("LA", (4, 3))):
         out = as_rgb_array(img)
         assert out.shape == (3, 4, 3) and out.dtype == np.uint8
-    # 16-bit greyscale is scaled to 8 bits, not clipped
-    assert as_rgb_array(wide)[2, 3, 0] == 255 and as_rgb_array(wide)[0, 0, 0] == 0
+    # 16-bit greyscale is scaled to 8 bits (by 255 / 65535, as a viewer shows it), not clipped
+    assert as_rgb_array(wide)[2, 3, 0] == round(55000 * 255 / 65535) and as_rgb_array(wide)[0, 0, 0] == 0
 
 
 def test_fixed_head_has_no_queries(tmp_path):

@@ -7,11 +7,22 @@ broadcasting surprise or a traceback deep inside torch.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_rank", "check_dim", "check_bool_mask", "check_same_batch"]
+__all__ = [
+    "check_tensor",
+    "check_rank",
+    "check_dim",
+    "check_floating",
+    "check_nonempty",
+    "check_like",
+    "check_input",
+    "check_bool_mask",
+    "check_same_batch",
+    "reference_parameter",
+]
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -49,7 +60,8 @@ def check_dim(name: str, value: torch.Tensor, pattern: str, axis: int, expected:
 def check_floating(name: str, value: torch.Tensor) -> None:
     """Check that ``value`` holds floating-point numbers."""
     if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        hint = " (a bool mask?)" if value.dtype == torch.bool else " (convert with .float())"
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}{hint}")
 
 
 def check_bool_mask(name: str, mask: object, shape: Sequence[int], pattern: str) -> torch.Tensor:
@@ -73,3 +85,89 @@ def check_same_batch(**tensors: Optional[torch.Tensor]) -> None:
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name}: {size}" for name, size in sizes.items())
         raise ValueError(f"batch sizes must match, got {listed}")
+
+
+def check_nonempty(name: str, value: torch.Tensor, pattern: str) -> None:
+    """Check that no axis of ``value`` is empty (zero queries, zero words, an empty map...).
+
+    An empty axis would not fail in torch: zero queries give a constant mask, zero words
+    all-zero queries. Raises ``ValueError`` naming the empty axis.
+    """
+    axes = pattern.split()
+    empty = [axes[i] if i < len(axes) else str(i) for i, s in enumerate(value.shape) if s == 0]
+    if empty:
+        raise ValueError(
+            f"{name} must have shape ({pattern}) with every axis at least 1, got shape "
+            f"{tuple(value.shape)} (empty: {', '.join(a + ' = 0' for a in empty)})"
+        )
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument and only reports CUDA
+        return torch.is_autocast_enabled()
+
+
+def reference_parameter(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The first floating-point parameter (or buffer) of ``module``: its dtype and device."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor
+    for tensor in module.buffers():
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def check_like(name: str, value: torch.Tensor, reference: Optional[torch.Tensor], owner: str) -> None:
+    """Check that ``value`` sits on ``reference``'s device and, outside autocast, has its dtype.
+
+    ``owner`` names what ``reference`` belongs to (e.g. "the module's weights", "features").
+    A float64 input into float32 weights, or a CPU tensor into a CUDA model, would otherwise
+    fail deep inside torch.
+    """
+    if reference is None:
+        return
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name} must be on the device of {owner} ({reference.device}), got a tensor on "
+            f"{value.device}; move it with .to({str(reference.device)!r})"
+        )
+    if value.dtype != reference.dtype and not _autocast_on(value.device.type):
+        raise TypeError(
+            f"{name} must have the dtype of {owner} ({reference.dtype}) outside torch.autocast, "
+            f"got dtype {value.dtype}; convert it with .to({reference.dtype}) (or run under "
+            "torch.autocast for mixed precision)"
+        )
+
+
+def check_input(
+    name: str,
+    value: object,
+    pattern: str,
+    *,
+    sizes: Optional[Dict[int, int]] = None,
+    module: Optional[torch.nn.Module] = None,
+    like: Optional[torch.Tensor] = None,
+    like_name: str = "",
+) -> torch.Tensor:
+    """All checks of one floating-point input of a public entry point, in a fixed order.
+
+    Type (a tensor), rank (``pattern``), dtype (floating point), no empty axis, the fixed
+    axis sizes ``{axis: size}``, then the device and dtype of ``module``'s weights (or of
+    the tensor ``like``, named ``like_name``). Each failure names ``name``, what was
+    expected and what was received.
+    """
+    check_tensor(name, value)
+    assert isinstance(value, torch.Tensor)
+    check_rank(name, value, pattern)
+    check_floating(name, value)
+    check_nonempty(name, value, pattern)
+    for axis, expected in (sizes or {}).items():
+        check_dim(name, value, pattern, axis, expected)
+    if module is not None:
+        check_like(name, value, reference_parameter(module), f"the {type(module).__name__}'s weights")
+    if like is not None:
+        check_like(name, value, like, like_name or "the other inputs")
+    return value

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._validation import check_dim, check_rank, check_same_batch
+from ._validation import check_dim, check_input, check_rank, check_same_batch, check_tensor
 from .functional import dynamic_conv2d, fuse_dynamic_kernels, mixture_of_masks_logits
 from .layers import NormLayer, UpProjection
 from .mask_generator import MultiMaskGenerator
@@ -190,8 +190,8 @@ class FixedKernelHead(nn.Module):
         return_query_masks: bool = False,
     ) -> AlignerOutput:
         """``(b in_channels h w)`` -> ``AlignerOutput(logits (b 1 H W))``; queries are ignored."""
-        check_rank("features", features, "b c h w")
-        check_dim("features", features, "b c h w", 1, self.in_channels)
+        check_input("features", features, "b c h w", sizes={1: self.in_channels}, module=self)
         if queries is not None:
+            check_tensor("queries", queries)
             check_same_batch(features=features, queries=queries)
         return AlignerOutput(logits=self.classifier(self.projection(features)))

@@ -10,7 +10,8 @@ Sub-commands:
                --generalized for the gRefCOCO-format one (several objects or none)
     train      train a model (vlaligner.training; the options of examples/train_eavl.py)
     evaluate   evaluate a checkpoint (the options of examples/evaluate.py)
-    info       versions, devices, and a checkpoint's configuration
+    info       versions, devices, and a checkpoint's configuration (integrity checked)
+    check-data check a whole refer-layout data folder and print a summary table
     version    print the version
 
 A user's mistake (missing file, empty sentence, bad option) prints one line
@@ -41,6 +42,7 @@ _EPILOG = """examples:
   vlaligner segment --checkpoint runs/tiny/final --image photo.jpg \\
       --text "the red square on the left" --out mask.png --queries
   vlaligner info --checkpoint runs/tiny/final
+  vlaligner check-data data/refer --dataset refcoco --split-by unc
 
 Run 'vlaligner <command> --help' for a command's options."""
 
@@ -145,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "no-target probability is above P; default 0.5")
     seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
                      help="how many most-attended words to show per query; default 3")
+    seg.add_argument("--no-exif-transpose", action="store_true",
+                     help="keep the image's stored pixel grid instead of applying its EXIF "
+                          "orientation (by default a phone photo is segmented upright, as a "
+                          "viewer shows it)")
     seg.set_defaults(handler=_cmd_segment)
 
     synth = sub.add_parser(
@@ -180,8 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "the model configuration stored in its config.json.",
     )
     info.add_argument("--checkpoint", metavar="DIR", default=None,
-                      help="a directory written by EAVL.save_pretrained")
+                      help="a directory written by EAVL.save_pretrained (its files and the "
+                           "SHA-256 of its weights are checked)")
     info.set_defaults(handler=_cmd_info)
+
+    check = sub.add_parser(
+        "check-data",
+        help="check a refer-layout data folder in one pass and print a summary table",
+        description=(
+            "Check every split of one data set of a refer-layout folder (files present, refs "
+            "well formed, counts per split, every referenced image present and decodable, "
+            "sentences non-empty, masks decodable) and print a summary table and every "
+            "problem, naming the file and the ref / sentence / annotation ids. Exit status 0 "
+            "when no problem is found, 1 otherwise. Nothing is written."
+        ),
+    )
+    check.add_argument("root", metavar="ROOT", help="the data root (holding refcoco/ ... and images/)")
+    check.add_argument("--dataset", required=True, choices=["refcoco", "refcoco+", "refcocog"],
+                       help="which data set to check")
+    check.add_argument("--split-by", default=None,
+                       help="unc (refcoco, refcoco+), umd or google (refcocog); default unc / umd")
+    check.add_argument("--no-decode", action="store_true",
+                       help="only check that the files exist and are well formed; do not decode "
+                            "the images and masks (much faster)")
+    check.add_argument("--max-listed", type=_positive_int, default=20, metavar="N",
+                       help="list at most N problems of each kind; default 20")
+    check.set_defaults(handler=_cmd_check_data)
 
     version = sub.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(handler=_cmd_version)
@@ -204,6 +234,58 @@ def _check_out_path(path: Path, option: str) -> None:
         raise UsageError(f"{option} {str(path)!r}: cannot tell the image format; end it with .png")
     if path.exists() and path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a directory; give a file name such as out.png")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(
+                    f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder, so nothing can "
+                    f"be written under it"
+                )
+            break
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (after links and '..'; hard links too when both exist)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_no_clash(outputs: "dict[str, Path]", inputs: "dict[str, Path]") -> None:
+    """Refuse an output that is one of the inputs or another output of the same command."""
+    names = list(outputs)
+    for i, option in enumerate(names):
+        for in_option, in_path in inputs.items():
+            if _same_file(outputs[option], in_path):
+                raise UsageError(
+                    f"{option} {str(outputs[option])!r} is the same file as {in_option} "
+                    f"{str(in_path)!r}; refusing to overwrite an input: choose another name"
+                )
+        for other in names[i + 1:]:
+            if _same_file(outputs[option], outputs[other]):
+                raise UsageError(
+                    f"{option} and {other} are the same file {str(outputs[option])!r}; "
+                    "give each output its own name"
+                )
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Create the parent folders, write through a temporary file beside ``path``, then rename.
+
+    A failure or a kill never leaves a half-written file under the real name, nor removes
+    an older file of that name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -219,18 +301,22 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     want_queries = args.queries or args.queries_out is not None
     queries_out = Path(args.queries_out) if args.queries_out else _default_queries_out(out)
+    exif = not args.no_exif_transpose
+    outputs = {"--out": out}
+    if want_queries:
+        outputs["--queries-out"] = queries_out
+    if args.mask_out:
+        outputs["--mask-out"] = Path(args.mask_out)
     # Every user mistake is found before the (slow) model load, and reported in one line.
     try:
         check_sentences(args.text)
-        _check_out_path(out, "--out")
-        if want_queries:
-            _check_out_path(queries_out, "--queries-out")
-        if args.mask_out:
-            _check_out_path(Path(args.mask_out), "--mask-out")
+        for option, path in outputs.items():
+            _check_out_path(path, option)
+        _check_no_clash(outputs, {"--image": Path(args.image)})
         check_checkpoint_dir(args.checkpoint)
         device = resolve_device(args.device)
         resolve_dtype(args.dtype, device)
-        rgb = as_rgb_array(args.image)
+        rgb = as_rgb_array(args.image, exif_transpose=exif)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
 
@@ -238,6 +324,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         predictor = Predictor.from_pretrained(
             args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold,
             no_target_threshold=args.no_target_threshold,
+            exif_transpose=exif,
         )
     except (ValueError, KeyError, OSError) as err:
         # A checkpoint with the right files but the wrong contents (edited config.json,
@@ -259,21 +346,31 @@ def _cmd_segment(args: argparse.Namespace) -> int:
               f"(no-target probability {pred.no_target_probability:.3f}); the mask is empty")
     elif pred.no_target is not None:
         print(f"target found (no-target probability {pred.no_target_probability:.3f})")
-    save_overlay(out, rgb, pred.mask)
+    _atomic_save(out, lambda tmp: save_overlay(tmp, rgb, pred.mask))
     h, w = pred.mask.shape
     print(f"wrote {out} ({w}x{h}); mask covers {100.0 * pred.mask.mean():.1f}% of the image")
     if args.mask_out:
         mask_path = Path(args.mask_out)
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pred.mask.astype("uint8") * 255).save(mask_path)
+        mask_image = Image.fromarray(pred.mask.astype("uint8") * 255)
+        _atomic_save(mask_path, lambda tmp: mask_image.save(tmp, format=_format_of(mask_path)))
         print(f"wrote {mask_path} (binary mask)")
     if want_queries:
-        panels = save_query_grid(queries_out, rgb, pred, top_k=args.top_words)
+        panels: list = []
+        _atomic_save(queries_out, lambda tmp: panels.extend(
+            save_query_grid(tmp, rgb, pred, top_k=args.top_words)
+        ))
         print(f"wrote {queries_out} ({len(panels)} query panels, highest score first)")
         for panel in panels:
             score = "  n/a" if panel.score is None else f"{panel.score:.3f}"
             print(f"  query {panel.index:>2}  score {score}  words: {', '.join(panel.words)}")
     return 0
+
+
+def _format_of(path: Path) -> str:
+    """PIL's format name for ``path``'s extension (so a temporary name can be written)."""
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -313,23 +410,44 @@ def _cmd_info(args: argparse.Namespace) -> int:
                     for i in range(torch.cuda.device_count())]
     print(f"devices: {', '.join(devices)}")
     if args.checkpoint:
+        from vlaligner.models import EAVL
         from vlaligner.predictor import check_checkpoint_dir
 
         try:
             directory = check_checkpoint_dir(args.checkpoint)
-            config = json.loads((directory / "config.json").read_text())
-        except FileNotFoundError as err:
+            # Files, config structure, builder, recorded SHA-256 and weights header.
+            config = EAVL.check_pretrained(directory)
+        except (FileNotFoundError, ValueError) as err:
             raise UsageError(str(err)) from None
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{args.checkpoint}/config.json is not valid JSON: {err}") from None
         size = (directory / "model.safetensors").stat().st_size
-        print(f"checkpoint {directory} (model.safetensors {size / 2**20:.1f} MiB)")
+        print(f"checkpoint {directory} (model.safetensors {size / 2**20:.1f} MiB, SHA-256 matches "
+              f"config.json)")
         kwargs = config.get("kwargs", {}) if isinstance(config, dict) else {}
         facts = [f"builder {config.get('builder')}"] if isinstance(config, dict) else []
         facts += [f"{key} {kwargs[key]}" for key in ("img_size", "num_queries", "head") if key in kwargs]
         print("model: " + ", ".join(facts))
         print(json.dumps(config, indent=2, sort_keys=True))
     return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from vlaligner.data.check import check_data
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UsageError(
+            f"ROOT {str(root)!r} is not a folder (expected a refer-layout data root holding "
+            f"{args.dataset}/ and images/mscoco/images/train2014/)"
+        )
+    try:
+        report = check_data(
+            root, args.dataset, args.split_by, decode=not args.no_decode,
+            progress=lambda line: print(line, file=sys.stderr),
+        )
+    except ValueError as err:  # an unknown --split-by
+        raise UsageError(str(err)) from None
+    print(report.format(max_listed=args.max_listed))
+    return 0 if report.ok else 1
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._validation import check_dim, check_floating, check_rank
+from ._validation import check_dim, check_input
 
 __all__ = [
     "dynamic_conv2d",
@@ -36,10 +36,12 @@ DynamicConvMethod = Literal["auto", "taps", "grouped", "einsum"]
 def _check_dynamic_conv_inputs(
     features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> None:
-    check_rank("features", features, "b c h w")
-    check_rank("weight", weight, "b n c k k")
-    check_floating("features", features)
-    check_floating("weight", weight)
+    check_input("features", features, "b c h w")
+    check_input("weight", weight, "b n c k k")
+    if weight.device != features.device:
+        raise ValueError(
+            f"weight must be on the device of features ({features.device}), got {weight.device}"
+        )
     b, c = features.shape[:2]
     if weight.shape[0] != b:
         raise ValueError(
@@ -54,17 +56,22 @@ def _check_dynamic_conv_inputs(
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
-        check_rank("bias", bias, "b n")
-        if tuple(bias.shape) != tuple(weight.shape[:2]):
-            raise ValueError(
-                f"bias must have shape (b n) = {tuple(weight.shape[:2])}, "
-                f"got shape {tuple(bias.shape)}"
-            )
+        _check_bias(bias, weight)
     if features.dtype != weight.dtype and not _autocast_enabled(features.device.type):
         raise TypeError(
             f"features and weight must have the same dtype outside torch.autocast, "
             f"got {features.dtype} and {weight.dtype}"
         )
+
+
+def _check_bias(bias: torch.Tensor, weight: torch.Tensor) -> None:
+    check_input("bias", bias, "b n")
+    if tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise ValueError(
+            f"bias must have shape (b n) = {tuple(weight.shape[:2])}, got shape {tuple(bias.shape)}"
+        )
+    if bias.device != weight.device:
+        raise ValueError(f"bias must be on the device of weight ({weight.device}), got {bias.device}")
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -245,8 +252,11 @@ def split_dynamic_params(
     Returns:
         ``weight (b n c k k)`` and ``bias (b n)``.
     """
-    check_rank("params", params, "b n p")
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    check_input("params", params, "b n p")
+    for arg, value in (("in_channels", in_channels), ("kernel_size", kernel_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     expected = in_channels * kernel_size * kernel_size + 1
     if params.shape[-1] != expected:
@@ -260,8 +270,10 @@ def split_dynamic_params(
     return weight, params[..., -1]
 
 
-def _check_scores(scores: torch.Tensor, batch_queries: Tuple[int, int]) -> None:
-    check_rank("scores", scores, "b n")
+def _check_scores(scores: torch.Tensor, batch_queries: Tuple[int, int], other: torch.Tensor, other_name: str) -> None:
+    check_input("scores", scores, "b n")
+    if scores.device != other.device:
+        raise ValueError(f"scores must be on the device of {other_name} ({other.device}), got {scores.device}")
     if tuple(scores.shape) != tuple(batch_queries):
         raise ValueError(
             f"scores must have shape (b n) = {tuple(batch_queries)}, got shape {tuple(scores.shape)}"
@@ -285,13 +297,13 @@ def fuse_dynamic_kernels(
     Returns:
         ``weight (b 1 c k k)`` and ``bias (b 1)`` (None when ``bias`` is None).
     """
-    check_rank("weight", weight, "b n c k k")
-    _check_scores(scores, weight.shape[:2])
+    check_input("weight", weight, "b n c k k")
+    _check_scores(scores, weight.shape[:2], weight, "weight")
     scores = scores.to(weight.dtype)
     fused_weight = torch.einsum("bncij,bn->bcij", weight, scores).unsqueeze(1)
     fused_bias = None
     if bias is not None:
-        check_rank("bias", bias, "b n")
+        _check_bias(bias, weight)
         fused_bias = (bias * scores.to(bias.dtype)).sum(dim=1, keepdim=True)
     return fused_weight, fused_bias
 
@@ -306,8 +318,8 @@ def weighted_mask_sum(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     Returns:
         ``(b 1 h w)`` logits ``sum_i scores_i * masks_i``.
     """
-    check_rank("masks", masks, "b n h w")
-    _check_scores(scores, masks.shape[:2])
+    check_input("masks", masks, "b n h w")
+    _check_scores(scores, masks.shape[:2], masks, "masks")
     return torch.einsum("bnhw,bn->bhw", masks, scores.to(masks.dtype)).unsqueeze(1)
 
 
@@ -344,9 +356,8 @@ def mixture_of_masks_logits(masks: torch.Tensor, scores: torch.Tensor) -> torch.
     Returns:
         ``(b 1 H W)`` logits whose sigmoid is ``sum_i s_i sigmoid(m_i)``.
     """
-    check_rank("masks", masks, "b n H W")
-    check_floating("masks", masks)
-    _check_scores(scores, tuple(masks.shape[:2]))
+    check_input("masks", masks, "b n H W")
+    _check_scores(scores, tuple(masks.shape[:2]), masks, "masks")
     compute = torch.promote_types(masks.dtype, torch.float32)
     m = masks.to(compute)
     log_s = scores.to(compute).clamp_min(torch.finfo(compute).tiny).log()[:, :, None, None]

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._validation import check_dim, check_rank, check_same_batch
+from ._validation import check_input, check_same_batch
 from .functional import dynamic_conv2d, split_dynamic_params
 from .layers import NormLayer, UpProjection
 
@@ -82,10 +82,8 @@ class MultiMaskGenerator(nn.Module):
         Returns:
             ``projected (b c H' W')``, ``weight (b n c k k)``, ``bias (b n)``.
         """
-        check_rank("features", features, "b c h w")
-        check_dim("features", features, "b c h w", 1, self.in_channels)
-        check_rank("queries", queries, "b n d")
-        check_dim("queries", queries, "b n d", 2, self.query_dim)
+        check_input("features", features, "b c h w", sizes={1: self.in_channels}, module=self)
+        check_input("queries", queries, "b n d", sizes={2: self.query_dim}, module=self)
         check_same_batch(features=features, queries=queries)
         projected = self.projection(features)
         weight, bias = split_dynamic_params(

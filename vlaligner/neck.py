@@ -12,15 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_dim, check_rank, check_same_batch, check_tensor
+from ._validation import check_input, check_same_batch, check_tensor
 from .functional import coord_features
 from .layers import NormLayer, conv_norm_act
 
 __all__ = ["FusionNeck", "check_vision_feats"]
 
 
-def check_vision_feats(vision_feats: Sequence[torch.Tensor], channels: Sequence[int]) -> None:
-    """Check three ``(b c_i h_i w_i)`` maps against the expected channels ``c_i``."""
+def check_vision_feats(
+    vision_feats: Sequence[torch.Tensor], channels: Sequence[int], module: Optional[nn.Module] = None
+) -> None:
+    """Check three ``(b c_i h_i w_i)`` maps against the expected channels ``c_i``.
+
+    Each map must be a non-empty floating-point tensor; with ``module``, also on the device
+    and (outside autocast) of the dtype of its weights.
+    """
     if isinstance(vision_feats, torch.Tensor) or not isinstance(vision_feats, (list, tuple)):
         raise TypeError(
             "vision_feats must be a list or tuple of three (b c h w) tensors at strides s, 2s, 4s, "
@@ -32,8 +38,7 @@ def check_vision_feats(vision_feats: Sequence[torch.Tensor], channels: Sequence[
         )
     for i, (feat, c) in enumerate(zip(vision_feats, channels)):
         check_tensor(f"vision_feats[{i}]", feat)
-        check_rank(f"vision_feats[{i}]", feat, "b c h w")
-        check_dim(f"vision_feats[{i}]", feat, "b c h w", 1, c)
+        check_input(f"vision_feats[{i}]", feat, "b c h w", sizes={1: c}, module=module)
     check_same_batch(**{f"vision_feats[{i}]": f for i, f in enumerate(vision_feats)})
 
 
@@ -99,15 +104,16 @@ class FusionNeck(nn.Module):
         Returns:
             ``(b d h2 w2)`` at the grid of the middle map.
         """
-        check_vision_feats(vision_feats, self.in_channels)
+        check_vision_feats(vision_feats, self.in_channels, self)
         f2, f3, f4 = vision_feats
         size = tuple(f3.shape[-2:])
         m4 = self.proj4(f4)
         if self.sentence_proj is not None:
             if sentence is None:
                 raise ValueError("this neck gates with the sentence feature: pass sentence (b d_s)")
-            check_rank("sentence", sentence, "b d")
-            check_dim("sentence", sentence, "b d", 1, self.sentence_proj[0].in_features)
+            check_input(
+                "sentence", sentence, "b d", sizes={1: self.sentence_proj[0].in_features}, module=self
+            )
             check_same_batch(vision_feats=f4, sentence=sentence)
             m4 = m4 * self.sentence_proj(sentence)[:, :, None, None]
         elif sentence is not None:

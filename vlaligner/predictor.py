@@ -118,34 +118,23 @@ class Prediction:
 # --------------------------------------------------------------------------------------
 
 
-def _read_image_file(path: Path) -> Image.Image:
-    """Open an image file with the data set's reader (same decoding as training).
+def _read_image_file(path: Path, exif_transpose: bool) -> Image.Image:
+    """Open an image file with the data set's reader (``vlaligner.data.load_image``).
 
-    Raises FileNotFoundError / ValueError naming the path. EXIF orientation is not applied
-    (as in ``vlaligner.data.load_image``): the mask is in the file's stored pixel grid.
+    Raises FileNotFoundError / ValueError naming the path (missing, a folder, corrupt,
+    truncated, a decompression bomb). With ``exif_transpose`` the EXIF orientation is
+    applied, so that a phone photo is segmented upright, as a viewer shows it.
     """
-    if path.is_dir():
-        raise ValueError(f"expected an image file, got a directory: {str(path)!r}")
-    from vlaligner.data import load_image
+    from vlaligner.data.transforms import load_image
 
-    return load_image(path)
+    return load_image(path, exif_transpose=exif_transpose)
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """(H W 3) uint8 from a PIL image of any mode (alpha dropped, greyscale repeated)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / 32-bit greyscale: convert("RGB") would clip at 255; scale to 8 bits instead.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if img.mode == "P" and "transparency" in img.info:
-        # Through RGBA, as vlaligner.data.load_image does (PIL warns on a direct convert).
-        img = img.convert("RGBA")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8).copy()
+    """(H W 3) uint8 from a PIL image of any mode (``vlaligner.data.transforms.pil_to_rgb``)."""
+    from vlaligner.data.transforms import pil_to_rgb
+
+    return np.asarray(pil_to_rgb(img), dtype=np.uint8).copy()
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -169,30 +158,45 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"image array must not be empty, got shape {arr.shape}")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
+    elif arr.shape[2] == 4:  # RGBA: composited on white, as an RGBA file
+        return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     return np.ascontiguousarray(arr)
 
 
-def as_rgb_array(image: ImageLike) -> np.ndarray:
+def as_rgb_array(image: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
     """Turn a path, a PIL image or a uint8 array into an (H W 3) uint8 RGB array.
 
-    Greyscale is repeated over the three channels and an alpha channel is dropped (the
-    colours under it are kept), so the model always sees what the training images looked
-    like: three 8-bit channels.
+    The result is the picture a viewer shows (``vlaligner.data.transforms.pil_to_rgb``):
+    greyscale repeated over the three channels, palettes expanded, alpha composited on
+    white, 16-bit and float greyscale scaled to 8 bits (not clipped). With
+    ``exif_transpose`` (the default) the EXIF orientation of a file or PIL image is applied
+    (a phone photo comes out upright); ``False`` keeps the stored pixel grid, as the data
+    loaders do.
 
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: a path that is not a readable image, or an array of the wrong shape.
         TypeError: an array that is not uint8, or an unsupported type.
     """
+    if not isinstance(exif_transpose, bool):
+        raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
     if isinstance(image, (str, os.PathLike)):
         if isinstance(image, str) and not image.strip():
             raise ValueError("image path is empty")
-        return _pil_to_rgb(_read_image_file(Path(image)))
+        return _pil_to_rgb(_read_image_file(Path(image), exif_transpose))
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image must not be empty, got size {image.size}")
+        if exif_transpose:
+            from PIL import ImageOps
+
+            try:
+                image = ImageOps.exif_transpose(image)
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for malformed EXIF
+                raise ValueError(
+                    f"the image's EXIF orientation is unreadable ({type(err).__name__}: {err}); "
+                    "pass exif_transpose=False"
+                ) from None
         return _pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
@@ -392,6 +396,9 @@ class Predictor:
         threshold: probability above which a pixel is in ``Prediction.mask``.
         no_target_threshold: no-target probability above which a model with a no-target
             head answers "no target" (an empty mask); default 0.5.
+        exif_transpose: apply the EXIF orientation of image files and PIL images (default
+            True: a phone photo is segmented upright, as a viewer shows it, and the mask is
+            in that upright grid); False keeps the stored pixel grid, as the data loaders.
     """
 
     def __init__(
@@ -402,6 +409,7 @@ class Predictor:
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
         no_target_threshold: float = 0.5,
+        exif_transpose: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (EAVL), got {type(model).__name__}")
@@ -415,6 +423,9 @@ class Predictor:
         self.dtype = resolve_dtype(dtype, self.device)
         self.threshold = _check_threshold(threshold)
         self.no_target_threshold = _check_threshold(no_target_threshold, "no_target_threshold")
+        if not isinstance(exif_transpose, bool):
+            raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
+        self.exif_transpose = exif_transpose
         self.model = model.eval().to(self.device)
 
     @classmethod
@@ -426,11 +437,17 @@ class Predictor:
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
         no_target_threshold: float = 0.5,
+        exif_transpose: bool = True,
     ) -> "Predictor":
         """Load a model saved with ``EAVL.save_pretrained(path)`` and wrap it.
 
+        The folder goes through ``EAVL.from_pretrained``: the recorded SHA-256 of the weights
+        is checked, the files' structure too, and nothing is downloaded.
+
         Raises:
             FileNotFoundError: ``path`` is missing or lacks model.safetensors / config.json.
+            ValueError: a damaged folder (truncated config.json, missing or mismatching
+                hash, unreadable weights, unknown builder or backbone); names the file.
             ImportError: the models extra (timm, transformers, safetensors) is not installed.
         """
         directory = check_checkpoint_dir(path)
@@ -439,6 +456,8 @@ class Predictor:
         resolve_dtype(dtype, resolved)
         _check_threshold(threshold)
         _check_threshold(no_target_threshold, "no_target_threshold")
+        if not isinstance(exif_transpose, bool):
+            raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
         try:
             from vlaligner.models import EAVL
         except ImportError as err:
@@ -448,7 +467,8 @@ class Predictor:
             ) from err
         model = EAVL.from_pretrained(directory, map_location="cpu")
         return cls(
-            model, device=resolved, dtype=dtype, threshold=threshold, no_target_threshold=no_target_threshold
+            model, device=resolved, dtype=dtype, threshold=threshold, no_target_threshold=no_target_threshold,
+            exif_transpose=exif_transpose,
         )
 
     # ----------------------------------------------------------------------------------
@@ -482,7 +502,7 @@ class Predictor:
             rgb: (H W 3) uint8, the original image as RGB.
             pixels: (3 S S) float32, resized and normalised like the training data.
         """
-        rgb = as_rgb_array(image)
+        rgb = as_rgb_array(image, exif_transpose=self.exif_transpose)
         from vlaligner.data import preprocess_image
 
         pixels = preprocess_image(rgb, self.img_size)
@@ -616,6 +636,6 @@ class Predictor:
         return (
             f"{type(self).__name__}(model={type(self.model).__name__}, img_size={self.img_size}, "
             f"device={str(self.device)!r}, dtype={str(self.dtype).replace('torch.', '')!r}, "
-            f"threshold={self.threshold}"
+            f"threshold={self.threshold}, exif_transpose={self.exif_transpose}"
             + (f", no_target_threshold={self.no_target_threshold})" if self.has_no_target_head else ")")
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_dim, check_floating, check_rank
+from ._validation import check_input
 
 __all__ = ["MultiQueryEstimator"]
 
@@ -48,9 +48,7 @@ class MultiQueryEstimator(nn.Module):
             ``(b n)`` scores, non-negative and summing to 1 over n (in the queries' dtype;
             the softmax itself runs in at least float32).
         """
-        check_rank("queries", queries, "b n d")
-        check_dim("queries", queries, "b n d", 2, self.query_dim)
-        check_floating("queries", queries)
+        check_input("queries", queries, "b n d", sizes={2: self.query_dim}, module=self)
         attended, _ = self.attention(queries, queries, queries, need_weights=False)
         hidden = self.norm(queries + attended)
         logits = self.score(hidden).squeeze(-1)

@@ -16,13 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._validation import (
-    check_bool_mask,
-    check_dim,
-    check_rank,
-    check_same_batch,
-    check_tensor,
-)
+from ._validation import check_bool_mask, check_input, check_same_batch
 from .layers import NormLayer, conv_norm_act
 from .neck import FusionNeck, check_vision_feats
 
@@ -120,19 +114,23 @@ class MultiQueryGenerator(nn.Module):
         word_mask: torch.Tensor,
         global_vision: Optional[torch.Tensor],
     ) -> None:
-        check_vision_feats(vision_feats, self.vision_channels)
-        check_tensor("words", words)
-        check_rank("words", words, "b l text_dim")
-        check_dim("words", words, "b l text_dim", 2, self.text_dim)
+        check_vision_feats(vision_feats, self.vision_channels, self)
+        check_input("words", words, "b l text_dim", sizes={2: self.text_dim}, module=self)
         check_bool_mask("word_mask", word_mask, words.shape[:2], "b l")
+        if word_mask.device != words.device:
+            raise ValueError(
+                f"word_mask must be on the device of words ({words.device}), got {word_mask.device}"
+            )
         if self.global_proj is not None:
             if global_vision is None:
                 raise ValueError(
                     "this generator was built with global_vision_dim: pass global_vision "
                     f"(b {self.global_vision_dim})"
                 )
-            check_rank("global_vision", global_vision, "b global_vision_dim")
-            check_dim("global_vision", global_vision, "b global_vision_dim", 1, self.global_vision_dim)
+            check_input(
+                "global_vision", global_vision, "b global_vision_dim",
+                sizes={1: self.global_vision_dim}, module=self,
+            )
         elif global_vision is not None:
             raise ValueError(
                 "this generator was built without global_vision_dim: pass global_vision=None "

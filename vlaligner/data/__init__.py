@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .cache import default_cache_dir, ensure_synthetic_set
+from .check import DataCheckReport, DataProblem, check_data
 from .collate import collate_ref_batch
 from .layout import check_data_root
 from .refer import (
@@ -30,6 +31,7 @@ from .transforms import (
     IMAGENET_STD,
     hflip_sample,
     load_image,
+    pil_to_rgb,
     preprocess_image,
     resize_mask,
     swap_left_right,
@@ -56,7 +58,11 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_image",
+    "pil_to_rgb",
     "preprocess_image",
+    "check_data",
+    "DataCheckReport",
+    "DataProblem",
     "resize_mask",
     "swap_left_right",
     "hflip_sample",

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -47,6 +48,11 @@ __all__ = [
     "UnsafePickleError",
     "load_refs",
     "load_refs_json",
+    "ref_problems",
+    "sentence_text",
+    "read_instances",
+    "annotation_problems",
+    "image_entry_problems",
     "decode_segmentation",
     "GENERALIZED_DATASETS",
     "target_ann_ids",
@@ -122,6 +128,89 @@ class _RefsUnpickler(pickle.Unpickler):
         )
 
 
+_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+
+
+def _unpickle_refs(path: Path) -> Any:
+    """Unpickle a refs file with the restricted unpickler (no structure check)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"refs file not found: {path}")
+    data = path.read_bytes()
+    # The official files were written by Python 2; their str objects are ASCII, so utf-8
+    # reads them; latin-1 is the fallback that can decode any byte string.
+    for encoding in ("utf-8", "latin1"):
+        try:
+            return _RefsUnpickler(io.BytesIO(data), path=path, encoding=encoding).load()
+        except UnsafePickleError:
+            raise
+        except UnicodeDecodeError:
+            continue
+        except Exception as err:  # noqa: BLE001 - any decoding failure means a broken file
+            raise ValueError(f"cannot read refs file {path} as a pickle: {err!r}") from err
+    raise ValueError(f"cannot read refs file {path}: its strings are neither utf-8 nor latin-1")
+
+
+def _as_id(value: Any) -> Optional[int]:
+    """An integer id (int, or a str / float that is one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def ref_problems(ref: Any, index: int) -> list[str]:
+    """What is wrong with entry ``index`` of a refs file (empty list: nothing).
+
+    Checks the keys ``ref_id``, ``ann_id``, ``image_id`` (integers), ``split`` (str) and
+    ``sentences`` (a list of dicts, each with an integer ``sent_id`` and ``raw`` or
+    ``sent``). Empty sentences are not a structural problem (see :func:`sentence_text`).
+    Each message names the entry by its ref id when it has one.
+    """
+    if not isinstance(ref, dict):
+        return [f"entry {index} must be a dict with keys {list(_REF_KEYS)}, got {type(ref).__name__}"]
+    missing = [k for k in _REF_KEYS if k not in ref]
+    if missing:
+        return [
+            f"entry {index} must be a dict with keys {list(_REF_KEYS)}; ref_id {ref.get('ref_id')!r} has no "
+            f"{missing} (keys: {sorted(map(str, ref))})"
+        ]
+    name = f"ref {ref['ref_id']!r} (entry {index})"
+    problems = [
+        f"{name}: {key} must be an integer id, got {ref[key]!r}"
+        for key in ("ref_id", "image_id")
+        if _as_id(ref[key]) is None
+    ]
+    ann = ref["ann_id"]  # one id, or (gRefCOCO) a list of ids, [-1] for no target
+    if (_as_id(ann) is None) if not isinstance(ann, (list, tuple)) else any(_as_id(a) is None for a in ann):
+        problems.append(f"{name}: ann_id must be an integer id (or a list of them), got {ann!r}")
+    if not isinstance(ref["split"], str):
+        problems.append(f"{name}: split must be a str, got {ref['split']!r}")
+    sentences = ref["sentences"]
+    if not isinstance(sentences, (list, tuple)):
+        problems.append(f"{name}: sentences must be a list, got {type(sentences).__name__}")
+        return problems
+    for j, sent in enumerate(sentences):
+        if not isinstance(sent, dict) or "sent_id" not in sent or not ("raw" in sent or "sent" in sent):
+            problems.append(f"{name}: sentence {j} has no 'sent_id' and 'raw'/'sent': {sent!r}"[:300])
+        elif _as_id(sent["sent_id"]) is None:
+            problems.append(f"{name}: sentence {j} has sent_id {sent['sent_id']!r}, not an integer id")
+    return problems
+
+
+def sentence_text(sent: dict) -> str:
+    """The text of a refer sentence dict: ``raw`` (as LAVT), else ``sent``; stripped; "" if none."""
+    for key in ("raw", "sent"):
+        text = sent.get(key)
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+    return ""
+
+
 def load_refs(path: PathLike) -> list[dict]:
     """Read a ``refs(<split_by>).p`` file with the restricted unpickler and check its structure.
 
@@ -132,25 +221,11 @@ def load_refs(path: PathLike) -> list[dict]:
     Raises:
         FileNotFoundError: no such file.
         UnsafePickleError (a ValueError): the pickle references any global (possible code).
-        ValueError: the file is not a readable pickle or not a list of ref dicts.
+        ValueError: the file is not a readable pickle or not a list of ref dicts; the message
+            names the file, the entry and its ref id (see :func:`ref_problems`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"refs file not found: {path}")
-    data = path.read_bytes()
-    refs: Any = None
-    # The official files were written by Python 2; their str objects are ASCII, so utf-8
-    # reads them; latin-1 is the fallback that can decode any byte string.
-    for encoding in ("utf-8", "latin1"):
-        try:
-            refs = _RefsUnpickler(io.BytesIO(data), path=path, encoding=encoding).load()
-            break
-        except UnsafePickleError:
-            raise
-        except UnicodeDecodeError:
-            continue
-        except Exception as err:  # noqa: BLE001 - any decoding failure means a broken file
-            raise ValueError(f"cannot read refs file {path} as a pickle: {err!r}") from err
+    refs = _unpickle_refs(path)
     return _check_refs(refs, path)
 
 
@@ -174,21 +249,11 @@ def _check_refs(refs: Any, path: Path) -> list[dict]:
         raise ValueError(
             f"refs file {path} must hold a list of ref dicts, got {type(refs).__name__}"
         )
-    required = ("ref_id", "ann_id", "image_id", "split", "sentences")
     for i, ref in enumerate(refs):
-        if not isinstance(ref, dict) or any(k not in ref for k in required):
-            keys = sorted(ref) if isinstance(ref, dict) else type(ref).__name__
-            raise ValueError(
-                f"refs file {path}: entry {i} must be a dict with keys {list(required)}, got {keys}"
-            )
-        for sent in ref["sentences"]:
-            if not isinstance(sent, dict) or "sent_id" not in sent or not (
-                "raw" in sent or "sent" in sent
-            ):
-                raise ValueError(
-                    f"refs file {path}: ref {ref['ref_id']} has a sentence without "
-                    f"'sent_id' and 'raw'/'sent': {sent!r}"
-                )
+        problems = ref_problems(ref, i)
+        if problems:
+            more = f" (and {len(problems) - 1} more in this entry)" if len(problems) > 1 else ""
+            raise ValueError(f"refs file {path}: {problems[0]}{more}")
     return refs
 
 
@@ -300,6 +365,71 @@ def _safe_file_name(name: Any) -> bool:
         and "\\" not in name
         and os.path.basename(name) == name
     )
+
+
+def read_instances(path: Path) -> dict:
+    """Read a COCO ``instances.json`` and check its top-level structure.
+
+    Returns:
+        the dict, with ``images`` and ``annotations`` lists whose entries are dicts with an
+        integer ``id``.
+
+    Raises:
+        FileNotFoundError / ValueError naming ``path`` (and the entry at fault).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            instances = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot parse {path} (truncated or not JSON?): {err}") from err
+    if not isinstance(instances, dict) or not {"images", "annotations"} <= set(instances):
+        keys = sorted(instances) if isinstance(instances, dict) else type(instances).__name__
+        raise ValueError(
+            f"{path} must be a COCO instances dict with 'images' and 'annotations', got {keys}"
+        )
+    for key in ("images", "annotations"):
+        entries = instances[key]
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: '{key}' must be a list, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or _as_id(entry.get("id")) is None:
+                raise ValueError(
+                    f"{path}: {key}[{i}] must be a dict with an integer 'id', got {str(entry)[:200]}"
+                )
+    return instances
+
+
+def annotation_problems(ann: dict) -> list[str]:
+    """What is wrong with a COCO annotation a ref uses (missing or malformed 'segmentation')."""
+    if "segmentation" not in ann:
+        return [f"has no 'segmentation' (keys: {sorted(map(str, ann))})"]
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        if not all(isinstance(p, (list, tuple)) for p in seg):
+            return ["has a 'segmentation' list that is not a list of polygons"]
+        if any(len(p) < 6 or len(p) % 2 for p in seg):
+            return ["has a polygon with fewer than 3 points or an odd number of coordinates"]
+        return []
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return []
+    return [f"has a 'segmentation' that is neither polygons nor an RLE dict: {str(seg)[:100]}"]
+
+
+def image_entry_problems(info: dict, image_dir: Path) -> list[str]:
+    """What is wrong with a COCO image entry (size, file name); not whether the file exists."""
+    problems = []
+    for key in ("height", "width"):
+        value = _as_id(info.get(key))
+        if value is None or value <= 0:
+            problems.append(f"has {key} {info.get(key)!r}, not a positive integer")
+    if not _safe_file_name(info.get("file_name")):
+        problems.append(
+            f"has file_name {info.get('file_name')!r}; only plain file names inside {image_dir} are opened"
+        )
+    return problems
 
 
 class RefDataset(Dataset):
@@ -451,16 +581,7 @@ class RefDataset(Dataset):
                 f"refs with split {split!r}; refs per split in the file: {counts or 'none'}"
             )
 
-        with open(self.instances_file, "r", encoding="utf-8") as f:
-            try:
-                instances = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"cannot parse {self.instances_file}: {err}") from err
-        if not isinstance(instances, dict) or not {"images", "annotations"} <= set(instances):
-            raise ValueError(
-                f"{self.instances_file} must be a COCO instances dict with 'images' and "
-                "'annotations'"
-            )
+        instances = read_instances(self.instances_file)
         # ann ids per ref: one for the classic sets, any number (none = no target) for gRefCOCO.
         if self.generalized:
             self._ref_anns: dict[int, list[int]] = {
@@ -480,13 +601,20 @@ class RefDataset(Dataset):
             int(im["id"]): im for im in instances["images"] if int(im["id"]) in need_imgs
         }
         del instances
-        missing_anns = sorted(need_anns - set(self.anns))
-        missing_imgs = sorted(need_imgs - set(self.images))
-        if missing_anns or missing_imgs:
+        problems: list[str] = []
+        seen: set[int] = set()
+        for r in refs:
+            problems += self._ref_link_problems(r)
+            if int(r["ref_id"]) in seen:
+                problems.append(f"{self.refs_file}: ref {r['ref_id']} appears twice")
+            seen.add(int(r["ref_id"]))
+        if problems:
+            more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
             raise ValueError(
-                f"{self.instances_file} does not match {self.refs_file}: missing annotation "
-                f"ids {missing_anns[:5]}{'...' if len(missing_anns) > 5 else ''}, missing "
-                f"image ids {missing_imgs[:5]}{'...' if len(missing_imgs) > 5 else ''}"
+                f"{len(problems)} problem(s) in split {split!r} of {dataset} ({split_by}):\n  "
+                + "\n  ".join(problems[:5]) + more
+                + f"\n(run 'vlaligner check-data {self.root} --dataset {dataset} --split-by "
+                f"{split_by}' to list every problem of the folder)"
             )
         if self.generalized:
             # Crowd annotations are not part of the target (ReLA's loader skips them); a ref
@@ -500,27 +628,67 @@ class RefDataset(Dataset):
                         "marks a no-target ref)"
                     )
                 self._ref_anns[ref_id] = kept
-        for im in self.images.values():
-            if not _safe_file_name(im.get("file_name")):
-                raise ValueError(
-                    f"{self.instances_file}: image {im.get('id')} has file_name "
-                    f"{im.get('file_name')!r}; only plain file names inside {self.image_dir} "
-                    "are opened"
-                )
 
         self.refs: dict[int, dict] = {int(r["ref_id"]): r for r in refs}
         self.samples: list[RefSample] = []
+        empty: list[tuple[int, int]] = []
         for r in refs:
-            for s in r["sentences"]:
-                text = s.get("raw", s.get("sent"))
-                if not isinstance(text, str) or not text.strip():
-                    text = s.get("sent", "")
+            for sent in r["sentences"]:
                 # LAVT tokenises the raw sentence; the tokenizer lower-cases as it needs.
-                self.samples.append(RefSample(int(r["ref_id"]), int(s["sent_id"]), text.strip()))
+                text = sentence_text(sent)
+                if not text:
+                    empty.append((int(r["ref_id"]), int(sent["sent_id"])))
+                    continue
+                self.samples.append(RefSample(int(r["ref_id"]), int(sent["sent_id"]), text))
+        #: (ref_id, sent_id) of the empty sentences that were skipped.
+        self.skipped_sentences: list[tuple[int, int]] = empty
+        if empty:
+            shown = ", ".join(f"ref {a} sentence {b}" for a, b in empty[:5])
+            warnings.warn(
+                f"{self.refs_file}: skipped {len(empty)} empty sentence(s) of split {split!r} "
+                f"({shown}{', ...' if len(empty) > 5 else ''})",
+                stacklevel=2,
+            )
         if not self.samples:
             raise ValueError(
-                f"split {split!r} of {dataset} ({split_by}) has {len(refs)} refs but no sentences"
+                f"split {split!r} of {dataset} ({split_by}) in {self.refs_file} has {len(refs)} refs "
+                f"but no non-empty sentences ({len(empty)} empty)"
             )
+
+    def _ref_link_problems(self, ref: dict) -> list[str]:
+        """What is wrong with the annotation and image a ref points to (names file and ids)."""
+        ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
+        sent_ids = [int(s["sent_id"]) for s in ref["sentences"]]
+        name = f"ref {ref_id} (sentences {sent_ids[:4]}{'...' if len(sent_ids) > 4 else ''})"
+        problems = []
+        for ann_id in self._ref_anns[ref_id]:
+            ann = self.anns.get(ann_id)
+            if ann is None:
+                problems.append(
+                    f"{self.refs_file}: {name} points to annotation {ann_id}, which "
+                    f"{self.instances_file} does not have"
+                )
+                continue
+            problems += [
+                f"{self.instances_file}: annotation {ann_id} (of {name}) {p}" for p in annotation_problems(ann)
+            ]
+            if "image_id" in ann and _as_id(ann["image_id"]) not in (None, image_id):
+                problems.append(
+                    f"{self.instances_file}: annotation {ann_id} is on image {ann['image_id']}, but "
+                    f"{self.refs_file} says {name} is on image {image_id}"
+                )
+        info = self.images.get(image_id)
+        if info is None:
+            problems.append(
+                f"{self.refs_file}: {name} points to image {image_id}, which "
+                f"{self.instances_file} does not have"
+            )
+        else:
+            problems += [
+                f"{self.instances_file}: image {image_id} (of {name}) {p}"
+                for p in image_entry_problems(info, self.image_dir)
+            ]
+        return problems
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:

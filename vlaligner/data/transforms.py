@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_image",
+    "pil_to_rgb",
     "preprocess_image",
     "resize_mask",
     "nearest_indices",
@@ -63,18 +64,94 @@ def _as_hw(size: Size, *, name: str = "size") -> tuple[int, int]:
     return hw
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Read an image file as an RGB PIL image (greyscale, palette, RGBA, CMYK converted).
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
-    The EXIF orientation is deliberately ignored: COCO's polygons are given in the stored
-    pixel grid, so rotating the pixels would misalign every annotation.
+
+def _high_bit_to_grey(img: Image.Image) -> np.ndarray:
+    """(H W) uint8 from a 16-bit, 32-bit integer or float greyscale image, scaled, never clipped.
+
+    16-bit modes (and 32-bit integer images whose values fit in 0..65535, which is how PIL
+    opens many 16-bit PNGs) are scaled by 255/65535, as a viewer shows them; a 16-bit copy of
+    an 8-bit picture (``v * 257``) gives back exactly the 8-bit picture. Float images with
+    values in [0, 1] are scaled by 255. Anything else (negative or larger values) is
+    stretched from its minimum to its maximum.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    if img.mode.startswith("I") and lo >= 0 and hi <= 65535:
+        scaled = arr * (255.0 / 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = arr * 255.0
+    elif hi > lo:
+        scaled = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(arr)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """The RGB picture a viewer shows for a PIL image of any mode.
+
+    - ``RGB``: unchanged (a copy).
+    - ``1``, ``L``, ``CMYK``, ``YCbCr``, ``HSV``, palette ``P`` without transparency: PIL's
+      conversion (greyscale repeated over three channels, palette expanded).
+    - alpha (``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``, ``P`` with a transparent colour):
+      composited on white, as a viewer shows a transparent area (the colours stored under
+      a fully transparent pixel are not shown).
+    - 16-bit / 32-bit / float greyscale (``I;16``, ``I``, ``F``): scaled to 8 bits, not
+      clipped (see :func:`_high_bit_to_grey`).
+
+    Raises:
+        ValueError: a mode PIL cannot convert to RGB (the message names it).
+    """
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_high_bit_to_grey(img)).convert("RGB")
+    try:
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            img.mode == "P" and "transparency" in img.info
+        ):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"cannot convert an image of mode {img.mode!r} to RGB: {err}") from err
+
+
+def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
+    """``ImageOps.exif_transpose``; a broken EXIF block raises ``ValueError`` naming the file."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for malformed EXIF
+        raise ValueError(
+            f"image file {path} has an unreadable EXIF orientation ({type(err).__name__}: {err}); "
+            "read it without applying it (exif_transpose=False, --no-exif-transpose)"
+        ) from None
+
+
+def load_image(path: Union[str, os.PathLike], *, exif_transpose: bool = False) -> Image.Image:
+    """Read an image file as the RGB PIL image a viewer shows (see :func:`pil_to_rgb`).
+
+    By default the EXIF orientation is deliberately ignored: COCO's polygons are given in
+    the stored pixel grid, so rotating the pixels would misalign every annotation (the data
+    sets call it this way). The predictor passes ``exif_transpose=True`` to see a photo
+    upright, as a viewer shows it.
 
     Raises:
         FileNotFoundError: the file does not exist (the message names the path).
-        ValueError: the file exists but cannot be decoded (corrupt, truncated, not an image);
-            the message names the file.
+        ValueError: the file exists but cannot be decoded (corrupt, truncated, not an image,
+            a folder, a decompression bomb over PIL's pixel limit); the message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"expected an image file, got a directory: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -82,12 +159,13 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
             # load() forces the full decode so that truncated files fail here, naming the file,
             # instead of later inside a worker with a bare PIL message.
             img.load()
-            if img.mode == "RGB":
-                return img.copy()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                # Dropping alpha keeps the colour channels as they are stored.
-                return img.convert("RGBA").convert("RGB")
-            return img.convert("RGB")
+            if exif_transpose:
+                img = _exif_transpose(img, path)
+            return pil_to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"image file {path} is too large to decode safely (a decompression bomb?): {err}"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"corrupt or unreadable image file {path}: {err}") from err
 
@@ -95,7 +173,7 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
 def _to_rgb_pil(image: ImageLike) -> Image.Image:
     """RGB PIL image from a PIL image or a uint8 array (H W 3), (H W) or (H W 4)."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(
@@ -107,8 +185,8 @@ def _to_rgb_pil(image: ImageLike) -> Image.Image:
         if image.ndim == 3 and image.shape[2] in (1, 3, 4):
             if image.shape[2] == 1:
                 return Image.fromarray(np.ascontiguousarray(image[:, :, 0])).convert("RGB")
-            if image.shape[2] == 4:
-                return Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
+            if image.shape[2] == 4:  # RGBA: composited on white, as for RGBA files
+                return pil_to_rgb(Image.fromarray(np.ascontiguousarray(image)))
             return Image.fromarray(np.ascontiguousarray(image))
         raise ValueError(
             f"image array must have shape (H W 3), (H W 4) or (H W), got {tuple(image.shape)}"
@@ -124,8 +202,8 @@ def preprocess_image(image: ImageLike, size: Size) -> torch.Tensor:
     Plain (bilinear) resize to exactly ``size``: the aspect ratio is NOT kept, as in LAVT.
 
     Args:
-        image: PIL image (any mode) or numpy uint8 array ``(H W 3)``, ``(H W 4)`` (alpha
-            dropped) or ``(H W)`` (greyscale).
+        image: PIL image (any mode, see :func:`pil_to_rgb`) or numpy uint8 array
+            ``(H W 3)``, ``(H W 4)`` (RGBA, composited on white) or ``(H W)`` (greyscale).
         size: ``int`` for a square ``(size, size)`` output, or ``(h, w)``.
 
     Returns:

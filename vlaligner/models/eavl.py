@@ -32,6 +32,7 @@ from torch import nn
 from .. import __version__
 from ..fileio import atomic_write_dir, atomic_write_file, atomic_write_text
 from ..fileio import sha256_file as _sha256
+from .._validation import check_like, check_nonempty, reference_parameter
 from ..aligner import FixedKernelHead, VisionLanguageAligner
 from ..neck import FusionNeck
 from ..no_target import NoTargetHead
@@ -258,6 +259,8 @@ class EAVL(nn.Module):
             raise TypeError(
                 f"images must be a float tensor normalised with the ImageNet mean/std, got dtype {images.dtype}"
             )
+        check_nonempty("images", images, "b 3 H W")
+        check_like("images", images, reference_parameter(self), "the model's weights")
         height, width = images.shape[-2:]
         if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
             raise ValueError(
@@ -274,11 +277,24 @@ class EAVL(nn.Module):
             raise ValueError(f"input_ids must have shape (b l), got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(
+                f"attention_mask must be an integer or bool tensor (1 / True = real token), got dtype "
+                f"{attention_mask.dtype} (an additive float mask of 0 / -inf would be read inverted)"
+            )
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask must have the shape of input_ids (b l) = {tuple(input_ids.shape)}, "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        check_nonempty("input_ids", input_ids, "b l")
+        reference = reference_parameter(self)
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if reference is not None and value.device != reference.device:
+                raise ValueError(
+                    f"{name} must be on the model's device ({reference.device}), got a tensor on "
+                    f"{value.device}; move it with .to({str(reference.device)!r})"
+                )
         if input_ids.shape[0] != batch_size:
             raise ValueError(
                 f"batch sizes must match, got {image_name}: {batch_size}, input_ids: {input_ids.shape[0]}"
@@ -454,13 +470,73 @@ class EAVL(nn.Module):
         Raises:
             FileNotFoundError: the folder or one of its files is missing (lists what a folder
                 must hold).
-            ValueError: pickle-only folder, unreadable/tampered weights or config, unknown
-                builder, or weights of another variant (names the first differing tensors).
+            ValueError: pickle-only folder, unreadable/tampered weights or config, missing
+                hash, unknown builder or backbone, weights holding NaN / inf, or weights of
+                another variant (names the first differing tensors).
+
+        Nothing is downloaded, ever: a ``config.json`` that asks for pretrained weights is
+        refused (see :meth:`check_pretrained`).
+        """
+        from .builders import BUILDERS
+
+        directory = Path(directory)
+        config = cls.check_pretrained(directory)
+        builder_name = config["builder"]
+        weights = directory / WEIGHTS_NAME
+        kwargs = dict(config["kwargs"])
+        kwargs["tokenizer"] = str(directory / TOKENIZER_DIR)
+        kwargs["text_config"] = str(directory / TEXT_CONFIG_DIR)
+        try:
+            model = BUILDERS[builder_name](**kwargs)
+        except TypeError as error:  # kwargs written by another vlaligner version
+            raise ValueError(
+                f"{directory / CONFIG_NAME}: builder {builder_name!r} does not accept the recorded arguments "
+                f"{sorted(config['kwargs'])} ({error}); was the folder saved by another vlaligner "
+                f"version ({config.get('vlaligner_version')!r}, this is {__version__})?"
+            ) from error
+        except FileNotFoundError:  # names the missing file of the folder itself
+            raise
+        except (RuntimeError, ValueError, KeyError, OSError) as error:
+            # e.g. an unknown timm backbone ("Unknown model"), a bad text_config/ folder.
+            raise ValueError(
+                f"{directory / CONFIG_NAME}: cannot rebuild the model with builder {builder_name!r} "
+                f"and the recorded arguments {json.dumps(config['kwargs'], sort_keys=True)[:300]}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        state = _load_safetensors(weights)
+        non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if non_finite:
+            raise ValueError(
+                f"{weights}: {len(non_finite)} tensor(s) hold NaN or inf values, first: {non_finite[:3]}; "
+                "the run that saved them had diverged (its loss became NaN / inf): use an earlier checkpoint"
+            )
+        model.load_checkpoint_state(state, strict=strict, source=str(weights))
+        # Eval mode, as transformers' from_pretrained: dropout off, BatchNorm on saved statistics.
+        return model.to(map_location).eval()
+
+    @staticmethod
+    def check_pretrained(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """Check a checkpoint folder without building the model; return its config.
+
+        Checks, each error naming the file: the folder and its files exist, ``config.json``
+        is complete JSON of the right structure with a known builder, the SHA-256 of
+        ``model.safetensors`` is recorded and matches, and the weights' header is readable.
+        :meth:`from_pretrained` runs these checks first; ``vlaligner info`` runs them alone.
+
+        Raises:
+            FileNotFoundError: the folder or one of its files is missing.
+            ValueError: pickle-only folder, truncated / malformed config.json, unknown builder,
+                missing or mismatching hash, unreadable weights.
         """
         from .registry import BUILDERS
 
         directory = Path(directory)
         expected = f"{CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_DIR}/ and {TEXT_CONFIG_DIR}/"
+        if directory.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(directory)!r} is a file, not a folder (an EAVL checkpoint folder holds "
+                f"{expected}); pass the folder that holds it"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"checkpoint folder {str(directory)!r} does not exist (an EAVL checkpoint folder holds {expected})"
@@ -478,38 +554,42 @@ class EAVL(nn.Module):
                 f"{str(directory)!r} has no {WEIGHTS_NAME} (an EAVL checkpoint folder holds {expected}); "
                 f"found: {sorted(p.name for p in directory.iterdir())}"
             )
-        config = _read_config(directory / CONFIG_NAME, expected)
+        config_path = directory / CONFIG_NAME
+        config = _read_config(config_path, expected)
         builder_name = config["builder"]
         if builder_name not in BUILDERS:
             raise ValueError(
-                f"{CONFIG_NAME} names builder {builder_name!r}, which this vlaligner {__version__} does not "
+                f"{config_path} names builder {builder_name!r}, which this vlaligner {__version__} does not "
                 f"know (known: {sorted(BUILDERS)})"
             )
+        for key in ("pretrained", "tokenizer", "text_config"):
+            if key in config["kwargs"]:
+                raise ValueError(
+                    f"{config_path}: kwargs must not hold {key!r} (from_pretrained never downloads and "
+                    f"reads the tokenizer and text config from the folder itself); remove it"
+                )
+        _check_builder_kwargs(config_path, builder_name, BUILDERS[builder_name], config["kwargs"])
         recorded = config.get("weights_sha256")
-        if recorded is not None and _sha256(weights) != recorded:
+        if not isinstance(recorded, str) or len(recorded) != 64:
             raise ValueError(
-                f"{weights} does not match the SHA-256 recorded in {CONFIG_NAME}: the weights were changed "
+                f"{config_path} has no valid 'weights_sha256' (got {recorded!r}), so {WEIGHTS_NAME} cannot "
+                "be checked; a folder written by save_pretrained always has it. If you assembled the "
+                f"folder yourself, record the SHA-256 of {WEIGHTS_NAME} (sha256sum) under 'weights_sha256'"
+            )
+        if _sha256(weights) != recorded:
+            raise ValueError(
+                f"{weights} does not match the SHA-256 recorded in {config_path}: the weights were changed "
                 "after saving (tampered, corrupt or half-copied); refusing to load them"
             )
-        kwargs = dict(config["kwargs"])
-        for key, sub in (("tokenizer", TOKENIZER_DIR), ("text_config", TEXT_CONFIG_DIR)):
+        _check_safetensors_header(weights)
+        for sub in (TOKENIZER_DIR, TEXT_CONFIG_DIR):
             if not (directory / sub).is_dir():
                 raise FileNotFoundError(
                     f"{str(directory)!r} has no {sub}/ folder (an EAVL checkpoint folder holds {expected})"
                 )
-            kwargs[key] = str(directory / sub)
-        try:
-            model = BUILDERS[builder_name](**kwargs)
-        except TypeError as error:  # kwargs written by another vlaligner version
-            raise ValueError(
-                f"{CONFIG_NAME}: builder {builder_name!r} does not accept the recorded arguments "
-                f"{sorted(config['kwargs'])} ({error}); was the folder saved by another vlaligner "
-                f"version ({config.get('vlaligner_version')!r}, this is {__version__})?"
-            ) from error
-        state = _load_safetensors(weights)
-        model.load_checkpoint_state(state, strict=strict, source=str(weights))
-        # Eval mode, as transformers' from_pretrained: dropout off, BatchNorm on saved statistics.
-        return model.to(map_location).eval()
+        if not (directory / TEXT_CONFIG_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"{directory / TEXT_CONFIG_DIR} has no config.json")
+        return config
 
     def load_checkpoint_state(
         self, state: Dict[str, torch.Tensor], *, strict: bool = True, source: str = "checkpoint"
@@ -574,7 +654,9 @@ def _read_config(path: Path, expected: str) -> Dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise ValueError(f"{path} is not valid JSON (truncated or edited?): {error}") from error
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read: {error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("builder"), str) or not isinstance(
         config.get("kwargs"), dict
     ):
@@ -588,6 +670,42 @@ def _read_config(path: Path, expected: str) -> Dict[str, Any]:
             f"<= {FORMAT_VERSION} (saved by vlaligner {config.get('vlaligner_version')!r}: upgrade vlaligner)"
         )
     return config
+
+
+def _check_builder_kwargs(config_path: Path, name: str, builder: Any, kwargs: Dict[str, Any]) -> None:
+    """Refuse recorded arguments the builder does not take, and a timm backbone timm does not know."""
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in kwargs if k not in params)
+        if unknown:
+            raise ValueError(
+                f"{config_path}: builder {name!r} does not accept the recorded arguments {unknown}; was the "
+                f"folder saved by another vlaligner version (this is {__version__})?"
+            )
+    backbone = kwargs.get("backbone")
+    if backbone is not None:
+        import timm
+
+        if not isinstance(backbone, str) or (":" not in backbone and not timm.is_model(backbone)):
+            raise ValueError(
+                f"{config_path}: backbone {backbone!r} is not a model this timm {timm.__version__} knows; "
+                "cannot rebuild the model (was it saved with another timm version?)"
+            )
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read the safetensors header (cheap: no tensor data) or raise ``ValueError`` naming ``path``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            list(handle.keys())
+    except Exception as error:  # SafetensorError, OSError, ValueError
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupt, truncated or tampered): {error}"
+        ) from error
 
 
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
