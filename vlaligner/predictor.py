@@ -409,22 +409,30 @@ class Predictor:
         self.tf32 = enable_tf32(bool(tf32), self.device) if self.device.type == "cuda" else False
         self.model = model.eval().to(self.device)
         self.compiled = compile
-        self._encode_fn, self._decode_fn, self._forward_fn = self._compile_entry_points(compile)
+        # torch.compile wrappers of encode_image / forward_features / forward, made once; the
+        # eager path looks the methods up on every call.
+        self._compiled: Optional[dict] = None
+        if compile:
+            mode = None if compile is True else str(compile)
+            self._compiled = {
+                name: torch.compile(fn, mode=mode)
+                for name, fn in self._entry_points().items()
+                if fn is not None
+            }
 
-    def _compile_entry_points(self, compile: Union[bool, str]):
-        """The model's encode / decode / forward, through ``torch.compile`` when asked."""
+    def _entry_points(self) -> dict:
+        """The model's encode / decode / forward callables (encode and decode None when the
+        model cannot reuse an image encoding)."""
         encode = getattr(self.model, "encode_image", None)
         decode = getattr(self.model, "forward_features", None)
         if not (callable(encode) and callable(decode)):
             encode = decode = None
-        forward = self.model
-        if compile:
-            mode = None if compile is True else str(compile)
-            wrap = lambda fn: torch.compile(fn, mode=mode)  # noqa: E731
-            forward = wrap(forward)
-            if encode is not None:
-                encode, decode = wrap(encode), wrap(decode)
-        return encode, decode, forward
+        return {"encode": encode, "decode": decode, "forward": self.model}
+
+    def _fn(self, name: str):
+        if self._compiled is not None:
+            return self._compiled.get(name)
+        return self._entry_points()[name]
 
     @classmethod
     def from_pretrained(
@@ -521,10 +529,11 @@ class Predictor:
     def _encode(self, pixels: torch.Tensor) -> Optional[Any]:
         """``(m 3 S S)`` -> the model's ``ImageFeatures`` for m images, or None when the model
         cannot reuse an encoding (no ``encode_image`` / ``forward_features``)."""
-        if self._encode_fn is None:
+        encode = self._fn("encode")
+        if encode is None:
             return None
         with self._autocast():
-            return self._encode_fn(pixels.to(self.device, torch.float32))
+            return encode(pixels.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def _run(
@@ -556,7 +565,7 @@ class Predictor:
                     pair_features = features.expand(len(sentences))
                 else:
                     pair_features = _select_features(features, index.to(self.device))
-                out = self._decode_fn(
+                out = self._fn("decode")(
                     pair_features, input_ids, attention_mask,
                     return_query_masks=return_queries, return_word_attention=return_queries,
                 )
@@ -567,7 +576,7 @@ class Predictor:
                     if same
                     else images[index.to(self.device)]
                 )
-                out = self._forward_fn(
+                out = self._fn("forward")(
                     images, input_ids, attention_mask,
                     return_query_masks=return_queries, return_word_attention=return_queries,
                 )
