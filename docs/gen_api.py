@@ -34,6 +34,10 @@ MODULES: Tuple[Tuple[str, str], ...] = (
     ("vlaligner.models", "the full EAVL model and its builders (extra `models`)"),
     ("vlaligner.engine", "training and evaluation building blocks"),
     ("vlaligner.predictor", "image + sentence in, mask out (`vlaligner.Predictor`)"),
+    ("vlaligner.devices", "device choice (CUDA, MPS, CPU) and TF32"),
+    ("vlaligner.export", "ONNX export and onnxruntime checks (extra `export`)"),
+    ("vlaligner.hub", "checkpoint folders on the Hugging Face Hub (huggingface_hub, extra `models`)"),
+    ("vlaligner.batch_segment", "`vlaligner segment` over many images"),
     ("vlaligner.viz", "overlays and per-query grids"),
     ("vlaligner.cli", "the `vlaligner` console script"),
 )

@@ -30,6 +30,10 @@ DOCUMENTED_MODULES = (
     "vlaligner.models",
     "vlaligner.engine",
     "vlaligner.predictor",
+    "vlaligner.devices",
+    "vlaligner.export",
+    "vlaligner.hub",
+    "vlaligner.batch_segment",
 )
 
 
