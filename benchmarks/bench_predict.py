@@ -19,7 +19,7 @@ load on the machine hits all alike), warm-up excluded, one thread by default:
     python benchmarks/bench_predict.py --onnx
     python benchmarks/bench_predict.py --images 32 --batch-size 8 --rounds 5
 
-Writes ``benchmarks/results/predict_cpu_<threads>threads.json`` and ``.md`` unless ``--no-write``.
+Writes ``benchmarks/results/predict_cpu_<img size>px_<threads>threads.json`` and ``.md`` unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -80,12 +80,16 @@ def bench_predictor(model, images: int, batch_size: int, rounds: int) -> Dict[st
     return {name: _summary(t, images) for name, t in times.items()}
 
 
-def bench_onnx(model, batch_size: int, rounds: int, threads: int) -> Dict[str, Dict[str, float]]:
-    from vlaligner.export import example_inputs, export_onnx, onnx_session, run_onnx
+def bench_onnx(model, batch_size: int, rounds: int, threads: int, onnx_file=None) -> Dict[str, Dict[str, float]]:
+    from vlaligner.export import check_export_matches, example_inputs, export_onnx, onnx_session, run_onnx
 
     results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "tiny.onnx")
+        if onnx_file is None:
+            path = export_onnx(model, Path(tmp) / "tiny.onnx")
+        else:  # a file exported earlier from the same model (same seed): checked before timing
+            path = Path(onnx_file)
+        results["max |difference| vs PyTorch"] = {"value": check_export_matches(model, path)}
         session = onnx_session(path, threads=threads)
         for b in sorted({1, batch_size}):
             image, input_ids, attention_mask = example_inputs(model, batch_size=b)
@@ -134,6 +138,9 @@ def _markdown(meta: Dict, predictor: Dict, onnx: Dict) -> str:
                     f"| {r['items_per_s']:.1f} |"
                 )
         for name, r in onnx.items():
+            if "value" in r:
+                lines.append(f"\n{name}: {r['value']:.2e}")
+        for name, r in onnx.items():
             if "pytorch_over_onnxruntime" in r:
                 lines.append(f"\n{name}: PyTorch time / onnxruntime time = **{r['pytorch_over_onnxruntime']:.2f}**")
     return "\n".join(lines) + "\n"
@@ -147,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime vs PyTorch eager")
+    parser.add_argument("--onnx-file", default=None, metavar="PATH",
+                        help="time this exported file (of the same seed-0 tiny model) instead of exporting")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -163,13 +172,13 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
     }
     predictor = bench_predictor(model, args.images, args.batch_size, args.rounds)
-    onnx = bench_onnx(model, args.batch_size, args.rounds, args.threads) if args.onnx else {}
+    onnx = bench_onnx(model, args.batch_size, args.rounds, args.threads, args.onnx_file) if args.onnx else {}
     text = _markdown(meta, predictor, onnx)
     print(text)
     if not args.no_write:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"predict_cpu_{args.threads}threads"
+        stem = out / f"predict_cpu_{args.img_size}px_{args.threads}threads"
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "predictor": predictor, "onnx": onnx}, indent=2) + "\n")
         stem.with_suffix(".md").write_text(text)
     return 0
