@@ -40,6 +40,10 @@ MODULES: Tuple[Tuple[str, str], ...] = (
     ("vlaligner.query_diversity", "how different the N queries are: the measures of query collapse"),
     ("vlaligner.fileio", "atomic writes, hashes and logs shared by checkpoints and runs"),
     ("vlaligner.predictor", "image + sentence in, mask out (`vlaligner.Predictor`)"),
+    ("vlaligner.devices", "device choice (CUDA, MPS, CPU) and TF32"),
+    ("vlaligner.export", "ONNX export and onnxruntime checks (extra `export`)"),
+    ("vlaligner.hub", "checkpoint folders on the Hugging Face Hub (huggingface_hub, extra `models`)"),
+    ("vlaligner.batch_segment", "`vlaligner segment` over many images"),
     ("vlaligner.viz", "overlays and per-query grids"),
     ("vlaligner.cli", "the `vlaligner` console script"),
 )

@@ -23,7 +23,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vlaligner"
 
 RANKS = {"core": 0, "data": 1, "models": 1, "viz": 1, "training": 2, "predictor": 2, "cli": 3}
-TOP_LEVEL_GROUPS = {"viz": "viz", "predictor": "predictor", "export": "predictor", "cli": "cli"}
+TOP_LEVEL_GROUPS = {"viz": "viz", "predictor": "predictor", "export": "predictor", "cli": "cli", "batch_segment": "cli"}
 
 
 def module_name(path: Path) -> str:

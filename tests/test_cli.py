@@ -141,17 +141,21 @@ def test_missing_required_option_exits_2(capsys):
 
 
 # ------------------------------------------------------------------ help and info
-@pytest.mark.parametrize("command", [[], ["segment"], ["synth"], ["info"], ["version"]])
+@pytest.mark.parametrize("command", [[], ["segment"], ["synth"], ["info"], ["version"], ["export"]])
 def test_help_complete(command, capsys):
     assert main(command + ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: vlaligner")
     if not command:
-        for name in ("segment", "synth", "train", "evaluate", "info", "version"):
+        for name in ("segment", "synth", "train", "evaluate", "info", "version", "export"):
             assert name in out
     if command == ["segment"]:
         for option in ("--checkpoint", "--image", "--text", "--out", "--queries", "--queries-out",
-                       "--device", "--dtype", "--threshold"):
+                       "--device", "--dtype", "--threshold", "--image-dir", "--texts", "--out-dir",
+                       "--batch-size", "--compile"):
+            assert option in out
+    if command == ["export"]:
+        for option in ("--checkpoint", "--onnx", "--opset", "--overwrite", "--no-check"):
             assert option in out
 
 

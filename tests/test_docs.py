@@ -36,6 +36,10 @@ DOCUMENTED_MODULES = (
     "vlaligner.query_diversity",
     "vlaligner.fileio",
     "vlaligner.predictor",
+    "vlaligner.devices",
+    "vlaligner.export",
+    "vlaligner.hub",
+    "vlaligner.batch_segment",
 )
 
 

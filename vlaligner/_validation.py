@@ -82,7 +82,10 @@ def check_bool_mask(name: str, mask: object, shape: Sequence[int], pattern: str)
 def check_same_batch(**tensors: Optional[torch.Tensor]) -> None:
     """Check that every given tensor has the same leading (batch) size."""
     sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
-    if len(set(sizes.values())) > 1:
+    # Compared pairwise, not through a set: under torch.export / torch.compile with dynamic
+    # shapes the sizes are symbolic ints, which compare (adding a guard) but do not hash.
+    first = next(iter(sizes.values()), None)
+    if any(size != first for size in sizes.values()):
         listed = ", ".join(f"{name}: {size}" for name, size in sizes.items())
         raise ValueError(f"batch sizes must match, got {listed}")
 

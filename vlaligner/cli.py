@@ -5,7 +5,9 @@ Axes (of the arrays this file passes around): n queries, l words, H W image spac
 
 Sub-commands:
     segment    mask the object a sentence refers to; write an overlay PNG (and a grid of
-               what each query saw with --queries)
+               what each query saw with --queries); or, with --image-dir / --texts /
+               --out-dir, masks for many images in batches
+    export     write a checkpoint as an ONNX file (image, token ids, mask in; logits out)
     synth      write the synthetic RefCOCO-format data set (vlaligner.data.synthetic);
                --generalized for the gRefCOCO-format one (several objects or none)
     train      train a model (vlaligner.training; the options of examples/train_eavl.py)
@@ -41,6 +43,9 @@ _EPILOG = """examples:
   vlaligner train --help
   vlaligner segment --checkpoint runs/tiny/final --image photo.jpg \\
       --text "the red square on the left" --out mask.png --queries
+  vlaligner segment --checkpoint runs/tiny/final --image-dir photos --texts texts.jsonl \
+      --out-dir masks
+  vlaligner export --checkpoint runs/tiny/final --onnx eavl.onnx
   vlaligner info --checkpoint runs/tiny/final
   vlaligner check-data data/refer --dataset refcoco --split-by unc
 
@@ -116,17 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
             "Segment the object that --text describes in --image with a trained model, and "
             "write the mask laid over the image (same size as the image). With --queries also "
             "write a grid with one panel per query: the query's own binarised mask, its score "
-            "(its weight in the final mask) and the words it attended to most (paper Fig. 4)."
+            "(its weight in the final mask) and the words it attended to most (paper Fig. 4). "
+            "For many images give --image-dir, --texts (JSON lines {\"image\": name, \"text\": "
+            "sentence}) and --out-dir instead: the pairs run in batches with a progress bar and "
+            "each writes a binary mask PNG (and an overlay with --overlays) into --out-dir."
         ),
     )
-    seg.add_argument("--checkpoint", required=True, metavar="DIR",
-                     help="directory written by EAVL.save_pretrained (model.safetensors + config.json)")
-    seg.add_argument("--image", required=True, metavar="IMG",
+    seg.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="(required) directory written by EAVL.save_pretrained (model.safetensors + config.json), "
+                          "or a Hugging Face Hub repo id owner/name")
+    seg.add_argument("--image", metavar="IMG", default=None,
                      help="image file (PNG, JPEG, ...); any size, greyscale and RGBA are converted")
-    seg.add_argument("--text", required=True, metavar="SENTENCE",
+    seg.add_argument("--text", metavar="SENTENCE", default=None,
                      help="the referring expression, e.g. \"the dog on the left\"")
-    seg.add_argument("--out", required=True, metavar="OUT.png",
+    seg.add_argument("--out", metavar="OUT.png", default=None,
                      help="where to write the overlay (created with its parent folders)")
+    seg.add_argument("--image-dir", metavar="DIR", default=None,
+                     help="many images: the folder the \"image\" names of --texts are relative to")
+    seg.add_argument("--texts", metavar="FILE.jsonl", default=None,
+                     help="many images: one JSON object per line, {\"image\": name, \"text\": sentence}")
+    seg.add_argument("--out-dir", metavar="DIR", default=None,
+                     help="many images: where to write <line>_<image stem>.png masks (and "
+                          "predictions.jsonl); existing files are never overwritten")
+    seg.add_argument("--overlays", action="store_true",
+                     help="many images: also write <line>_<image stem>_overlay.png")
+    seg.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                     help="image-sentence pairs per forward pass; default 16")
+    seg.add_argument("--compile", action="store_true",
+                     help="run the model through torch.compile (pays off for many images)")
     seg.add_argument("--queries", action="store_true",
                      help="also write the per-query grid (to --queries-out)")
     seg.add_argument("--queries-out", metavar="PATH", default=None,
@@ -135,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mask-out", metavar="PATH", default=None,
                      help="also write the binary mask as a black-and-white PNG")
     seg.add_argument("--device", default="cpu", metavar="DEVICE",
-                     help="cpu, cuda, cuda:N or auto (CUDA when available); default cpu")
+                     help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then CPU); default cpu")
     seg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="compute precision; default auto = float32 on CPU, bfloat16 (float16 on "
                           "cards without bf16) on GPU, under autocast")
@@ -175,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a generalized set in the gRefCOCO layout (sentences that refer "
                             "to several objects or to none; dataset grefcoco, split_by unc)")
     synth.set_defaults(handler=_cmd_synth)
+
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint as an ONNX file",
+        description=(
+            "Export a checkpoint to ONNX: inputs image (b 3 S S, ImageNet-normalised, S the "
+            "model's img_size), input_ids (b l) and attention_mask (b l); outputs mask_logits "
+            "(b 1 S/4 S/4) and query_scores (b n). Batch b and sentence length l are dynamic. "
+            "With onnxruntime installed the file is run once and compared with PyTorch."
+        ),
+    )
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="directory written by EAVL.save_pretrained, or a Hub repo id owner/name")
+    export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument("--opset", type=_positive_int, default=None, metavar="N",
+                        help="ONNX opset version (>= 17); default 18")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT.onnx if it exists (default: refuse)")
+    export.add_argument("--no-check", action="store_true",
+                        help="do not run the exported file with onnxruntime against PyTorch")
+    export.set_defaults(handler=_cmd_export)
 
     for name in _TRAINING:
         sub.add_parser(name, **_training_parser_kwargs(name))
@@ -289,11 +332,38 @@ def _atomic_save(path: Path, write) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    many = [args.image_dir, args.texts, args.out_dir]
+    one = [args.image, args.text, args.out]
+    if args.checkpoint is None and any(v is not None for v in many):
+        raise UsageError("the following arguments are required: --checkpoint")
+    if any(v is not None for v in many):
+        if any(v is not None for v in one):
+            raise UsageError(
+                "give either --image/--text/--out (one image) or --image-dir/--texts/--out-dir "
+                "(many images), not both"
+            )
+        if any(v is None for v in many):
+            raise UsageError("many images need all of --image-dir, --texts and --out-dir")
+        if args.queries or args.queries_out or args.mask_out:
+            raise UsageError("--queries / --queries-out / --mask-out apply to one image (--image)")
+        from vlaligner.batch_segment import segment_many
+
+        return segment_many(args)
+    missing = [
+        opt
+        for opt, v in zip(("--checkpoint", "--image", "--text", "--out"), [args.checkpoint, *one])
+        if v is None
+    ]
+    if missing:
+        raise UsageError(
+            f"the following arguments are required: {', '.join(missing)} "
+            f"(or --image-dir, --texts and --out-dir for many images)"
+        )
     from vlaligner.predictor import (
         Predictor,
         as_rgb_array,
-        check_checkpoint_dir,
         check_sentences,
+        resolve_checkpoint_dir,
         resolve_device,
         resolve_dtype,
     )
@@ -313,7 +383,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         for option, path in outputs.items():
             _check_out_path(path, option)
         _check_no_clash(outputs, {"--image": Path(args.image)})
-        check_checkpoint_dir(args.checkpoint)
+        checkpoint = resolve_checkpoint_dir(args.checkpoint)
         device = resolve_device(args.device)
         resolve_dtype(args.dtype, device)
         rgb = as_rgb_array(args.image, exif_transpose=exif)
@@ -322,9 +392,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     try:
         predictor = Predictor.from_pretrained(
-            args.checkpoint, device=device, dtype=args.dtype, threshold=args.threshold,
-            no_target_threshold=args.no_target_threshold,
-            exif_transpose=exif,
+            checkpoint, device=device, dtype=args.dtype, threshold=args.threshold,
+            no_target_threshold=args.no_target_threshold, exif_transpose=exif,
+            compile=args.compile,
         )
     except (ValueError, KeyError, OSError) as err:
         # A checkpoint with the right files but the wrong contents (edited config.json,
@@ -371,6 +441,45 @@ def _format_of(path: Path) -> str:
     from PIL import Image
 
     return Image.registered_extensions()[path.suffix.lower()]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlaligner.export import DEFAULT_OPSET, check_export_matches, export_onnx
+    from vlaligner.predictor import resolve_checkpoint_dir
+
+    out = Path(args.onnx)
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"--onnx {str(out)!r}: the file name must end with .onnx")
+    if out.is_dir():
+        raise UsageError(f"--onnx {str(out)!r} is a directory; give a file name such as eavl.onnx")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--onnx {str(out)!r} exists; pass --overwrite to replace it")
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    if opset < 17:
+        raise UsageError(f"--opset must be at least 17 (LayerNormalization), got {opset}")
+    try:
+        checkpoint = resolve_checkpoint_dir(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if out.resolve().parent == checkpoint.resolve():
+        raise UsageError(f"--onnx {str(out)!r} is inside the checkpoint folder; write it elsewhere")
+    from vlaligner.models import EAVL
+
+    try:
+        model = EAVL.from_pretrained(checkpoint)
+    except (ValueError, KeyError, OSError) as err:
+        raise UsageError(f"cannot load the checkpoint {args.checkpoint!r}: {err}") from None
+    export_onnx(model, out, opset=opset)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {opset}, input {model.img_size}x"
+          f"{model.img_size}, dynamic batch and sentence length)")
+    if not args.no_check:
+        try:
+            diff = check_export_matches(model, out)
+        except ImportError as err:
+            print(f"not checked: {err}")
+        else:
+            print(f"checked with onnxruntime: max |logit difference| {diff:.2e} vs PyTorch")
+    return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """A numpy / PIL in, numpy out facade over a trained EAVL model: one image and one or more
 sentences in, a mask per sentence out at the image's own size.
 
-Axes: b batch (sentences for one image), n queries, l words (tokens), c channels,
+Axes: b batch (sentences for one image, or image-sentence pairs in ``predict_batch``), n queries, l words (tokens), c channels,
 h w the model's mask grid (a quarter of the input side), H W the original image,
 S the model's square input side (``model.img_size``).
 
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .devices import enable_tf32, resolve_device
+
 __all__ = [
     "Prediction",
     "Predictor",
@@ -39,6 +41,7 @@ __all__ = [
     "check_checkpoint_dir",
     "resolve_device",
     "resolve_dtype",
+    "resolve_checkpoint_dir",
     "logits_to_probability",
 ]
 
@@ -273,42 +276,6 @@ def check_checkpoint_dir(path: Union[str, os.PathLike]) -> Path:
     return directory
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """'cpu', 'cuda', 'cuda:1', 'mps', 'auto' (CUDA when available) or a torch.device.
-
-    Raises:
-        ValueError: an unknown name, or an accelerator that this machine does not have.
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(
-            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {device!r} was requested but CUDA is not available on this machine "
-                f"(torch.cuda.is_available() is False); use device 'cpu'"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r} was requested but only {torch.cuda.device_count()} CUDA "
-                f"device(s) exist"
-            )
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"device {device!r} was requested but MPS is not available")
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return dev
-
-
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
     """The compute dtype: None / 'auto' is float32 on CPU, bfloat16 on CUDA when the card
     supports it (else float16). Weights stay float32; lower precision runs under autocast.
@@ -371,6 +338,25 @@ def _check_threshold(threshold: float, name: str = "threshold") -> float:
     return float(threshold)
 
 
+def resolve_checkpoint_dir(
+    path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None
+) -> Path:
+    """A checked checkpoint folder for a local path or a Hugging Face Hub repo id.
+
+    A string that is not an existing path and looks like ``owner/name`` is fetched through
+    ``huggingface_hub`` (honouring ``HF_HUB_OFFLINE`` and its cache; see
+    :func:`vlaligner.hub.resolve_checkpoint`); anything else must be a local folder.
+
+    Raises:
+        FileNotFoundError: see ``check_checkpoint_dir``; or a repo id the Hub (or the cache,
+            offline) does not have.
+        ImportError: a repo id while ``huggingface_hub`` is not installed.
+    """
+    from .hub import resolve_checkpoint
+
+    return check_checkpoint_dir(resolve_checkpoint(path_or_repo_id, revision=revision))
+
+
 # --------------------------------------------------------------------------------------
 # The facade
 # --------------------------------------------------------------------------------------
@@ -381,16 +367,18 @@ class Predictor:
 
     Example::
 
-        predictor = Predictor.from_pretrained("runs/demo/best")
+        predictor = Predictor.from_pretrained("runs/demo/best")     # or a Hub repo id
         pred = predictor.predict("photo.jpg", "the dog on the left")
         pred.mask            # (H W) bool at the photo's size
         preds = predictor.predict(image, ["the dog", "the red ball"], return_queries=True)
         preds[1].query_scores, preds[1].word_attention, preds[1].tokens
+        many = predictor.predict_batch(["a.jpg", "b.jpg"], ["the cat", ["the sofa", "the lamp"]])
 
     Args:
         model: an ``vlaligner.models.EAVL`` (or anything with ``img_size``, ``tokenize`` and
             the same ``forward``); it is put in eval mode and moved to ``device``.
-        device: 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device.
+        device: 'cpu', 'cuda', 'cuda:N', 'mps', 'auto' (CUDA, then MPS, then CPU) or a
+            torch.device.
         dtype: compute dtype, None / 'auto' (float32 on CPU, bfloat16 / float16 on CUDA),
             'float32', 'bfloat16' or 'float16'; lower precision runs under autocast.
         threshold: probability above which a pixel is in ``Prediction.mask``.
@@ -399,6 +387,13 @@ class Predictor:
         exif_transpose: apply the EXIF orientation of image files and PIL images (default
             True: a phone photo is segmented upright, as a viewer shows it, and the mask is
             in that upright grid); False keeps the stored pixel grid, as the data loaders.
+        compile: True (or a ``torch.compile`` mode such as ``"reduce-overhead"``, CUDA graphs
+            on a GPU) to run the image encoder and the decoding through ``torch.compile``; the
+            first call of each new batch shape compiles (seconds to minutes), later ones reuse it.
+        tf32: allow TensorFloat-32 for float32 matmuls and convolutions on GPUs that have it
+            (Ampere and later; :func:`vlaligner.devices.enable_tf32`, process-wide). No effect
+            on the CPU or under bfloat16 / float16 autocast.
+        batch_size: most image-sentence pairs (and images) run through the model at once.
     """
 
     def __init__(
@@ -410,6 +405,9 @@ class Predictor:
         threshold: float = 0.5,
         no_target_threshold: float = 0.5,
         exif_transpose: bool = True,
+        compile: Union[bool, str] = False,
+        tf32: bool = True,
+        batch_size: int = _SENTENCE_CHUNK,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (EAVL), got {type(model).__name__}")
@@ -419,6 +417,9 @@ class Predictor:
                     f"model must provide .{attr} like vlaligner.models.EAVL; "
                     f"{type(model).__name__} does not"
                 )
+        _check_compile(compile)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.threshold = _check_threshold(threshold)
@@ -426,7 +427,34 @@ class Predictor:
         if not isinstance(exif_transpose, bool):
             raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
         self.exif_transpose = exif_transpose
+        self.batch_size = batch_size
+        self.tf32 = enable_tf32(bool(tf32), self.device) if self.device.type == "cuda" else False
         self.model = model.eval().to(self.device)
+        self.compiled = compile
+        # torch.compile wrappers of encode_image / forward_features / forward, made once; the
+        # eager path looks the methods up on every call.
+        self._compiled: Optional[dict] = None
+        if compile:
+            mode = None if compile is True else str(compile)
+            self._compiled = {
+                name: torch.compile(fn, mode=mode)
+                for name, fn in self._entry_points().items()
+                if fn is not None
+            }
+
+    def _entry_points(self) -> dict:
+        """The model's encode / decode / forward callables (encode and decode None when the
+        model cannot reuse an image encoding)."""
+        encode = getattr(self.model, "encode_image", None)
+        decode = getattr(self.model, "forward_features", None)
+        if not (callable(encode) and callable(decode)):
+            encode = decode = None
+        return {"encode": encode, "decode": decode, "forward": self.model}
+
+    def _fn(self, name: str):
+        if self._compiled is not None:
+            return self._compiled.get(name)
+        return self._entry_points()[name]
 
     @classmethod
     def from_pretrained(
@@ -436,21 +464,28 @@ class Predictor:
         device: Union[str, torch.device, None] = "cpu",
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
+        compile: Union[bool, str] = False,
+        tf32: bool = True,
+        batch_size: int = _SENTENCE_CHUNK,
+        revision: Optional[str] = None,
         no_target_threshold: float = 0.5,
         exif_transpose: bool = True,
     ) -> "Predictor":
         """Load a model saved with ``EAVL.save_pretrained(path)`` and wrap it.
 
-        The folder goes through ``EAVL.from_pretrained``: the recorded SHA-256 of the weights
-        is checked, the files' structure too, and nothing is downloaded.
+        Args:
+            path: the checkpoint folder, or a Hugging Face Hub repo id ``owner/name`` (a
+                string that is not an existing path; downloaded once into the Hub cache, or
+                read from it with ``HF_HUB_OFFLINE=1``; the weights' SHA-256 is still checked).
+            revision: branch, tag or commit of a Hub repo.
+            device, dtype, threshold, compile, tf32, batch_size: as in the constructor.
 
         Raises:
-            FileNotFoundError: ``path`` is missing or lacks model.safetensors / config.json.
-            ValueError: a damaged folder (truncated config.json, missing or mismatching
-                hash, unreadable weights, unknown builder or backbone); names the file.
-            ImportError: the models extra (timm, transformers, safetensors) is not installed.
+            FileNotFoundError: ``path`` is missing or lacks model.safetensors / config.json,
+                or a repo id that neither the Hub nor the cache has.
+            ImportError: the models extra (timm, transformers, safetensors; huggingface_hub
+                for repo ids) is not installed.
         """
-        directory = check_checkpoint_dir(path)
         # Check device / dtype / threshold before the (slow) load so that a typo fails at once.
         resolved = resolve_device(device)
         resolve_dtype(dtype, resolved)
@@ -458,6 +493,8 @@ class Predictor:
         _check_threshold(no_target_threshold, "no_target_threshold")
         if not isinstance(exif_transpose, bool):
             raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
+        _check_compile(compile)
+        directory = resolve_checkpoint_dir(path, revision=revision)
         try:
             from vlaligner.models import EAVL
         except ImportError as err:
@@ -467,7 +504,8 @@ class Predictor:
             ) from err
         model = EAVL.from_pretrained(directory, map_location="cpu")
         return cls(
-            model, device=resolved, dtype=dtype, threshold=threshold, no_target_threshold=no_target_threshold,
+            model, device=resolved, dtype=dtype, threshold=threshold, compile=compile,
+            tf32=tf32, batch_size=batch_size, no_target_threshold=no_target_threshold,
             exif_transpose=exif_transpose,
         )
 
@@ -521,56 +559,71 @@ class Predictor:
         return [str(i) for i in ids]
 
     @torch.inference_mode()
-    def _encode_once(self, pixels: torch.Tensor) -> Optional[Any]:
-        """Encode the image a single time when the model can reuse it (``EAVL.encode_image``)."""
-        encode = getattr(self.model, "encode_image", None)
-        if not callable(encode) or not callable(getattr(self.model, "forward_features", None)):
+    def _encode(self, pixels: torch.Tensor) -> Optional[Any]:
+        """``(m 3 S S)`` -> the model's ``ImageFeatures`` for m images, or None when the model
+        cannot reuse an encoding (no ``encode_image`` / ``forward_features``)."""
+        encode = self._fn("encode")
+        if encode is None:
             return None
         with self._autocast():
-            return encode(pixels.to(self.device, torch.float32).unsqueeze(0))
+            return encode(pixels.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def _run(
         self,
         pixels: torch.Tensor,
+        features: Optional[Any],
+        rows: Sequence[int],
         sentences: List[str],
-        size: Tuple[int, int],
+        sizes: Sequence[Tuple[int, int]],
         return_queries: bool,
-        image_features: Optional[Any] = None,
     ) -> List[Prediction]:
+        """Decode b image-sentence pairs in one batch.
+
+        Args:
+            pixels: ``(m 3 S S)`` the m preprocessed images.
+            features: their ``ImageFeatures`` (m images), or None to run the whole model.
+            rows: b indices into the m images, one per sentence.
+            sentences: the b sentences.
+            sizes: b original (H, W) sizes.
+        """
         input_ids, attention_mask = self.model.tokenize(sentences)
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
-        b = len(sentences)
-        # One image, b sentences: the same pixels for every row, expanded without a copy.
-        images = pixels.to(self.device, torch.float32).unsqueeze(0).expand(b, -1, -1, -1)
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        same = len(set(rows)) == 1
         with self._autocast():
-            if image_features is not None:  # the image was encoded once for all sentences
-                out = self.model.forward_features(
-                    image_features.expand(b),
-                    input_ids,
-                    attention_mask,
-                    return_query_masks=return_queries,
-                    return_word_attention=return_queries,
+            if features is not None:  # images encoded once, shared by their sentences
+                if same and features.batch_size == 1:
+                    pair_features = features.expand(len(sentences))
+                else:
+                    pair_features = _select_features(features, index.to(self.device))
+                out = self._fn("decode")(
+                    pair_features, input_ids, attention_mask,
+                    return_query_masks=return_queries, return_word_attention=return_queries,
                 )
             else:
-                out = self.model(
-                    images,
-                    input_ids,
-                    attention_mask,
-                    return_query_masks=return_queries,
-                    return_word_attention=return_queries,
+                images = pixels.to(self.device, torch.float32)
+                images = (
+                    images[index[:1]].expand(len(sentences), -1, -1, -1)
+                    if same
+                    else images[index.to(self.device)]
                 )
-        input_size = tuple(images.shape[-2:])
-        probability = logits_to_probability(out.logits, size, input_size=input_size)[:, 0]  # (b H W)
+                out = self._fn("forward")(
+                    images, input_ids, attention_mask,
+                    return_query_masks=return_queries, return_word_attention=return_queries,
+                )
         if return_queries and (out.query_masks is None or out.word_attention is None):
             raise ValueError(_NO_QUERIES)
         nt_logits = getattr(out, "no_target_logits", None)
         nt_prob = None if nt_logits is None else torch.sigmoid(nt_logits.float()).cpu().numpy()
+        input_size = tuple(pixels.shape[-2:])
 
         results = []
         for i, sentence in enumerate(sentences):
-            prob = probability[i].cpu().numpy().astype(np.float32, copy=False)
+            size = tuple(sizes[i])
+            prob = logits_to_probability(out.logits[i : i + 1], size, input_size=input_size)[0, 0]
+            prob = prob.cpu().numpy().astype(np.float32, copy=False)
             pred = Prediction(
                 sentence=sentence,
                 mask=prob > self.threshold,
@@ -610,7 +663,7 @@ class Predictor:
             image: a path, a PIL image, or an (H W 3) / (H W) / (H W 1) / (H W 4) uint8 array
                 of any size.
             text: one sentence, or a list of sentences about the same image (batched; the
-                image is read and preprocessed once).
+                image is read, preprocessed and encoded once).
             return_queries: also return each query's mask, score and word attention.
 
         Returns:
@@ -625,12 +678,96 @@ class Predictor:
             raise ValueError(_NO_QUERIES)
         rgb, pixels = self.preprocess(image)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        image_features = self._encode_once(pixels)
+        pixels = pixels.unsqueeze(0)
+        features = self._encode(pixels)
         results: List[Prediction] = []
-        for start in range(0, len(sentences), _SENTENCE_CHUNK):
-            chunk = sentences[start : start + _SENTENCE_CHUNK]
-            results.extend(self._run(pixels, chunk, size, bool(return_queries), image_features))
+        for start in range(0, len(sentences), self.batch_size):
+            chunk = sentences[start : start + self.batch_size]
+            results.extend(
+                self._run(pixels, features, [0] * len(chunk), chunk, [size] * len(chunk), bool(return_queries))
+            )
         return results[0] if single else results
+
+    def predict_batch(
+        self,
+        images: Sequence[ImageLike],
+        texts: Sequence[Union[str, Sequence[str]]],
+        *,
+        return_queries: bool = False,
+    ) -> List[Union[Prediction, List[Prediction]]]:
+        """Segment many images at once, batching across images as well as sentences.
+
+        ``predict_batch(images, texts)[i]`` equals ``predict(images[i], texts[i])`` (up to
+        float rounding of the batched math): the images are encoded ``batch_size`` at a time,
+        and the image-sentence pairs are decoded ``batch_size`` at a time whichever image
+        they belong to.
+
+        Args:
+            images: m images (paths, PIL images or uint8 arrays; sizes may differ).
+            texts: m entries, ``texts[i]`` a sentence or a list of sentences about ``images[i]``.
+            return_queries: also return each query's mask, score and word attention.
+
+        Returns:
+            m entries: a ``Prediction`` where ``texts[i]`` is a str, a list where it is a list.
+
+        Raises:
+            TypeError / ValueError: ``images`` or ``texts`` is not a list, their lengths differ,
+                or an entry is invalid (the message names its index).
+        """
+        for name, value in (("images", images), ("texts", texts)):
+            if isinstance(value, (str, bytes, np.ndarray, Image.Image)) or not isinstance(
+                value, Sequence
+            ):
+                raise TypeError(
+                    f"{name} must be a list (one entry per image), got {type(value).__name__}; "
+                    f"for a single image use predict(image, text)"
+                )
+        if len(images) != len(texts):
+            raise ValueError(
+                f"images and texts must have one entry per image, got {len(images)} images and "
+                f"{len(texts)} texts"
+            )
+        if return_queries and not self.has_queries:
+            raise ValueError(_NO_QUERIES)
+        parsed = []
+        for i, text in enumerate(texts):
+            try:
+                parsed.append(check_sentences(text))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"texts[{i}]: {err}") from None
+        results: List[Union[Prediction, List[Prediction]]] = []
+        # Work through the images in groups: each group's images are encoded together and its
+        # pairs decoded batch_size at a time, so memory stays bounded for long lists.
+        for start in range(0, len(images), self.batch_size):
+            group = range(start, min(start + self.batch_size, len(images)))
+            rgbs, pixels = [], []
+            for i in group:
+                try:
+                    rgb, pix = self.preprocess(images[i])
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"images[{i}]: {err}") from None
+                rgbs.append(rgb)
+                pixels.append(pix)
+            batch = torch.stack(pixels)
+            features = self._encode(batch)
+            pairs = [(j, s) for j, i in enumerate(group) for s in parsed[i][0]]
+            flat: List[Prediction] = []
+            for p in range(0, len(pairs), self.batch_size):
+                chunk = pairs[p : p + self.batch_size]
+                rows = [j for j, _ in chunk]
+                flat.extend(
+                    self._run(
+                        batch, features, rows, [s for _, s in chunk],
+                        [tuple(rgbs[j].shape[:2]) for j in rows], bool(return_queries),
+                    )
+                )
+            at = 0
+            for i in group:
+                sentences, single = parsed[i]
+                mine = flat[at : at + len(sentences)]
+                at += len(sentences)
+                results.append(mine[0] if single else mine)
+        return results
 
     def __repr__(self) -> str:
         return (
@@ -639,3 +776,24 @@ class Predictor:
             f"threshold={self.threshold}, exif_transpose={self.exif_transpose}"
             + (f", no_target_threshold={self.no_target_threshold})" if self.has_no_target_head else ")")
         )
+
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(compile: Union[bool, str]) -> None:
+    if isinstance(compile, bool):
+        return
+    if not isinstance(compile, str) or compile not in _COMPILE_MODES:
+        raise ValueError(
+            f"compile must be True, False or a torch.compile mode {list(_COMPILE_MODES)}, "
+            f"got {compile!r}"
+        )
+
+
+def _select_features(features: Any, index: torch.Tensor) -> Any:
+    """Rows ``index (b)`` of an ``ImageFeatures`` of m images (one per image-sentence pair)."""
+    return type(features)(
+        maps=[m.index_select(0, index) for m in features.maps],
+        global_vision=features.global_vision.index_select(0, index),
+    )

@@ -412,13 +412,20 @@ class EAVL(nn.Module):
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(
+        self, directory: Union[str, os.PathLike], *, push_to_hub: Optional[str] = None
+    ) -> Path:
         """Write the checkpoint folder; returns its path.
 
         Files: ``model.safetensors`` (weights; written to a temporary file, then renamed, so a
         crash never leaves a half-written file under the real name), ``tokenizer/``,
         ``text_config/config.json`` and last ``config.json`` (builder, kwargs, versions and the
         SHA-256 of the weights: a folder whose weights were changed afterwards is refused).
+
+        Args:
+            directory: the folder to write (created with its parents).
+            push_to_hub: a Hugging Face Hub repo id ``owner/name``: after saving, upload the
+                folder there (needs ``huggingface_hub`` and a login; see :meth:`push_to_hub`).
         """
         from safetensors.torch import save_file
 
@@ -446,7 +453,27 @@ class EAVL(nn.Module):
         }
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         atomic_write_text(directory / CONFIG_NAME, text)
+        if push_to_hub is not None:
+            from ..hub import push_folder
+
+            push_folder(directory, push_to_hub)
         return directory
+
+    def push_to_hub(
+        self, repo_id: str, *, private: Optional[bool] = None, commit_message: str = "Upload EAVL checkpoint"
+    ) -> str:
+        """Save the checkpoint folder to a temporary folder and upload it to the Hub repo ``repo_id``.
+
+        Needs ``huggingface_hub`` (extra ``models``) and a token (``huggingface-cli login`` or
+        ``HF_TOKEN``). The repo is created when missing. Returns the commit URL.
+        """
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(tmp, repo_id, private=private, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(
@@ -454,6 +481,8 @@ class EAVL(nn.Module):
         directory: Union[str, os.PathLike],
         map_location: Union[str, torch.device] = "cpu",
         strict: bool = True,
+        *,
+        revision: Optional[str] = None,
     ) -> "EAVL":
         """Rebuild a model saved with :meth:`save_pretrained` and load its weights.
 
@@ -463,9 +492,12 @@ class EAVL(nn.Module):
         The model is returned in eval mode (call ``.train()`` to fine-tune).
 
         Args:
-            directory: the checkpoint folder.
+            directory: the checkpoint folder, or a Hugging Face Hub repo id ``owner/name``
+                (a string that is not an existing path; fetched with ``huggingface_hub``,
+                which honours ``HF_HUB_OFFLINE`` and its cache; see :mod:`vlaligner.hub`).
             map_location: device the model is moved to.
             strict: refuse missing or unexpected tensors (shape mismatches are always refused).
+            revision: branch, tag or commit of a Hub repo (repo ids only).
 
         Raises:
             FileNotFoundError: the folder or one of its files is missing (lists what a folder
@@ -479,7 +511,7 @@ class EAVL(nn.Module):
         """
         from .builders import BUILDERS
 
-        directory = Path(directory)
+        directory = _resolve_checkpoint_location(directory, revision)
         config = cls.check_pretrained(directory)
         builder_name = config["builder"]
         weights = directory / WEIGHTS_NAME
@@ -631,6 +663,17 @@ class EAVL(nn.Module):
 
 
 # ---------------------------------------------------------------------- file helpers
+def _resolve_checkpoint_location(directory: Union[str, os.PathLike], revision: Optional[str]) -> Path:
+    """A local folder for ``from_pretrained``: the path itself, or a Hub repo id's snapshot.
+
+    Downloads only for a string that is not an existing path and looks like ``owner/name``
+    (see :func:`vlaligner.hub.resolve_checkpoint`); the folder is then checked as any other.
+    """
+    from ..hub import resolve_checkpoint
+
+    return resolve_checkpoint(directory, revision=revision)
+
+
 def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors; tensors sharing memory are cloned (safetensors refuses them)."""
     state: Dict[str, torch.Tensor] = {}
