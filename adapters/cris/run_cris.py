@@ -40,6 +40,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from adapters import _check_host_root  # noqa: E402
 from adapters import (  # noqa: E402  (the repo root must be importable first)
     build_runner_parser,
     check_dependencies_or_exit,
@@ -162,6 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
     if args.init_from_host is not None and not Path(args.init_from_host).expanduser().is_file():
         raise SystemExit(f"run_cris.py: --init-from-host {str(args.init_from_host)!r}: no such file")
+    try:  # a wrong --host-root is said before anything else
+        _check_host_root(args.host_root, [args.script, *CRIS_LAYOUT], "CRIS")
+    except FileNotFoundError as err:
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     if not args.skip_deps_check:
         check_dependencies_or_exit("CRIS", args.script, CRIS_DEPENDENCIES)
     print(
