@@ -338,6 +338,7 @@ def test_run_script_patches_builder_in_spawned_workers(tmp_path):
     assert (checkout / "model" / "__init__.py").read_text() == "from cris_host import CRIS, build_segmenter\n"
 
 
+@pytest.mark.slow  # two more spawning subprocesses; the default suffix is checked in the test above
 def test_run_script_suffix_follows_opts_and_option(tmp_path):
     checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
     out = tmp_path / "result.json"

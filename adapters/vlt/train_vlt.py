@@ -424,6 +424,11 @@ class VLTTrainer:
 
     def _resume(self) -> None:
         state = engine.load_checkpoint(self.out / "last")
+        saved = json.loads((Path(state["path"]) / CONFIG_NAME).read_text())["config"]
+        if saved != asdict(self.config):
+            differ = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
+            raise UsageError(f"--resume: the checkpoint's model differs from this command's "
+                             f"(checkpoint, command): {differ}")
         engine.load_model_weights(self.task.model, state["path"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -439,9 +444,6 @@ class VLTTrainer:
             engine.restore_rng_state(rng[self.env.rank])
         else:
             engine.seed_everything(self.args.seed + self.env.rank + self.step)
-        saved = json.loads((Path(state["path"]) / CONFIG_NAME).read_text())["config"]
-        if saved != asdict(self.config):
-            raise UsageError(f"--resume: the checkpoint's model {saved} differs from this command's {asdict(self.config)}")
         if self.env.is_main:
             for name in ("losses.jsonl", "metrics.jsonl"):
                 rows = [r for r in _read_jsonl(self.out / name) if int(r.get("step", 0)) <= self.step]
@@ -559,7 +561,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except UsageError as err:
         raise SystemExit(f"train_vlt.py: error: {err}") from None
     trainer = VLTTrainer(args, env)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except UsageError as err:
+        raise SystemExit(f"train_vlt.py: error: {err}") from None
     trainer.train()
     result = trainer.summary()
     if env.is_main and args.json is not None:
