@@ -7,11 +7,16 @@ Usage (from anywhere; the user's checkout is never edited)::
     python adapters/cris/run_cris.py --host-root ~/CRIS.pytorch \\
         [--script train.py|test.py] [--head aligner|fixed] [--num-queries 24] \\
         [--kernel-size 3] [--no-estimator] [--query-dim D] [--no-global-vision] [--keep-cwd] \\
+        [--init-from-host CKPT] [--output-suffix SUFFIX] [--skip-deps-check] \\
         --config config/refcoco/cris_r50.yaml [--opts KEY VALUE ...]
 
 Options this script does not know (``--config``, ``--opts``, ...) go to CRIS's script
 unchanged; everything after a bare ``--`` does too. What happens:
 
+0. a launcher's ``--local-rank`` / ``--local_rank`` is taken out (CRIS's parser knows neither:
+   it starts one worker per GPU itself; several launcher processes are refused); CRIS's
+   third-party imports are checked (one line naming what to ``pip install`` if any is
+   missing);
 1. the checkout is put first on ``sys.path`` and made the working directory (CRIS's configs
    use paths relative to it; ``--keep-cwd`` keeps yours);
 2. CRIS's ``model`` package is imported and ``model.build_segmenter`` is wrapped: it builds
@@ -22,6 +27,13 @@ unchanged; everything after a bare ``--`` does too. What happens:
    one worker per GPU with ``torch.multiprocessing.spawn``; each worker re-imports this file,
    which patches the builder again before defining the script's functions, so every worker
    builds the retrofitted model.
+
+CRIS's ``utils.config`` loaders are wrapped too: ``exp_name`` gets the suffix ``_aligner``
+(``_fixed``, or ``--output-suffix``), so this run writes to ``<output_folder>/<exp_name><suffix>``
+and never into a plain CRIS run's folder. With ``--init-from-host CKPT`` (a CRIS
+``best_model.pth``) the retrofitted model starts from its weights: backbone, neck and decoder
+as they are, the Projector's up-projection into the aligner's identical one, ``proj.txt``
+dropped, the rest new; a one-screen report is printed.
 
 Checkpoints written this way hold the aligner (keys ``proj.*`` and ``query_generator.*``); to
 test one, run ``test.py`` through this script with the same retrofit options.

@@ -7,14 +7,21 @@ Usage (the user's checkout is never edited, and nothing of LAVT is copied)::
     python -m torch.distributed.launch --nproc_per_node 4 --master_port 12345 \\
         adapters/lavt/run_lavt.py --host-root ~/LAVT-RIS [--script train.py|test.py] \\
         [--head aligner|fixed] [--num-queries 24] [--kernel-size 3] [--no-estimator] \\
-        [--query-dim D] [--no-global-vision] [--keep-cwd] \\
+        [--query-dim D] [--no-global-vision] [--keep-cwd] [--init-from-host CKPT] \\
+        [--output-suffix SUFFIX] [--skip-deps-check] \\
         --model lavt --dataset refcoco --model_id refcoco --batch-size 8 --lr 0.00005 \\
         --wd 1e-2 --swin_type base --pretrained_swin_weights ./pretrained_weights/...pth \\
         --epochs 40 --img_size 480
 
-Options this script does not know go to LAVT's script unchanged (``--local_rank`` from the
-launcher included); everything after a bare ``--`` does too. What happens:
+Options this script does not know go to LAVT's script unchanged; everything after a bare
+``--`` does too. What happens:
 
+0. the launcher's local rank, given as ``--local-rank=N`` (torch >= 2.0), ``--local_rank=N``
+   (older torch) or only ``LOCAL_RANK`` (``torchrun``), is handed to LAVT as
+   ``--local_rank=N``, the one spelling its ``args.py`` knows; LAVT's third-party imports are
+   checked (one line naming what to ``pip install`` if any is missing); ``--model_id`` gets
+   the suffix ``_aligner`` (``_fixed``, or ``--output-suffix``), so the checkpoint
+   ``model_best_<model_id>.pth`` never overwrites a plain LAVT run's;
 1. the checkout is put first on ``sys.path`` and made the working directory (LAVT's defaults,
    ``./refer/data/`` and ``./checkpoints/``, are relative to it; ``--keep-cwd`` keeps yours);
 2. LAVT's ``lib.segmentation`` is imported and its builders ``lavt`` and ``lavt_one`` are
@@ -22,7 +29,10 @@ launcher included); everything after a bare ``--`` does too. What happens:
    :func:`adapters.lavt.retrofit_lavt` (grid ``img_size // 16``). ``train.py`` optimises
    ``classifier.parameters()``, where the retrofit puts the aligner and generator, so they
    train with the classifier's settings;
-3. the script runs as ``__main__`` with your arguments.
+3. the script runs as ``__main__`` with your arguments. With ``--init-from-host CKPT`` (a
+   LAVT checkpoint: ``{"model": ..., "bert_model": ...}``) the retrofitted model starts from
+   its weights (host keys loaded, ``conv1_1`` dropped, the aligner and generator new; a report
+   is printed), and so does LAVT's separate BERT.
 
 Checkpoints written this way hold the aligner (``classifier.aligner.*``,
 ``classifier.query_generator.*``); test them through this script with the same options.
