@@ -505,3 +505,22 @@ def test_real_cris_builder_is_patched_by_run_script(real_cris):
         assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
     finally:
         package.build_segmenter = original
+
+
+@pytest.mark.integration
+def test_real_cris_config_gets_the_suffix(real_cris):
+    """CRIS's own utils.config, wrapped by the run script: exp_name suffixed after the file and --opts."""
+    from adapters.cris.run_cris import patch_cris_config
+
+    config = importlib.import_module("utils.config")
+    originals = {n: getattr(config, n) for n in ("load_cfg_from_cfg_file", "merge_cfg_from_list")}
+    try:
+        patch_cris_config("_aligner")
+        patch_cris_config("_aligner")  # idempotent
+        cfg = config.load_cfg_from_cfg_file(str(Path(CRIS_ROOT) / "config" / "refcoco" / "cris_r50.yaml"))
+        assert cfg.exp_name == "CRIS_R50_aligner" and cfg.output_folder == "exp/refcoco"
+        assert config.merge_cfg_from_list(cfg, ["TRAIN.base_lr", "0.001"]).exp_name == "CRIS_R50_aligner"
+        assert config.merge_cfg_from_list(cfg, ["TRAIN.exp_name", "mine"]).exp_name == "mine_aligner"
+    finally:
+        for name, fn in originals.items():
+            setattr(config, name, fn)

@@ -114,7 +114,8 @@ def patch_cris_builder(settings: Dict[str, Any]) -> None:
     build_segmenter.__vlaligner_original__ = original  # type: ignore[attr-defined]
     build_segmenter.__doc__ = "CRIS's build_segmenter with the Vision-Language Aligner retrofitted."
     package.build_segmenter = build_segmenter
-    patch_cris_config(settings["output_suffix"])
+    if settings.get("output_suffix"):
+        patch_cris_config(settings["output_suffix"])
 
 
 def suffixed(cfg: Any, suffix: str) -> Any:
