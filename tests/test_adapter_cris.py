@@ -312,7 +312,7 @@ def _run_cris(checkout: Path, cwd: Path, *args: str, env_extra=None):
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, str(REPO / "adapters" / "cris" / "run_cris.py"), "--host-root", str(checkout), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
 
 

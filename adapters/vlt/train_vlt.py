@@ -406,6 +406,8 @@ class VLTTrainer:
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.device.type == "cuda":  # VLT is full of BatchNorm: statistics over the global batch
+                self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
             self.forward = DDP(self.task, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.forward = self.task
