@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, Iterable, List, MutableMapping, Optional
 import torch
 from torch import nn
 
+from .launch import dependency_message, missing_dependencies, normalize_local_rank, output_suffix
+
 __all__ = [
     "HEADS",
     "check_retrofit_args",
@@ -42,6 +44,11 @@ __all__ = [
     "split_runner_argv",
     "build_runner_parser",
     "retrofit_settings",
+    "normalize_local_rank",
+    "missing_dependencies",
+    "dependency_message",
+    "output_suffix",
+    "check_dependencies_or_exit",
 ]
 
 #: The two heads every retrofit offers: the aligner, or the host's own fixed kernel.
@@ -266,6 +273,20 @@ def build_runner_parser(host: str, checkout: str, own_head: str, *, text_dim: bo
         parser.add_argument("--text-dim", type=int, default=None, help="word width (default 768 / BERT's)")
     parser.add_argument("--no-global-vision", action="store_true", help="queries without F_g (ablation)")
     parser.add_argument("--keep-cwd", action="store_true", help="do not cd into the checkout")
+    parser.add_argument(
+        "--init-from-host", type=Path, default=None, metavar="CKPT",
+        help=f"start training from {host}'s own trained checkpoint (its .pth): the host's tensors are "
+        "loaded, the new head's are initialised fresh, and a report says which",
+    )
+    parser.add_argument(
+        "--output-suffix", default=None, metavar="SUFFIX",
+        help=f"appended to {host}'s experiment name so that this run never writes into a plain "
+        f"{host} run's files (default _aligner, or _fixed with --head fixed)",
+    )
+    parser.add_argument(
+        "--skip-deps-check", action="store_true",
+        help=f"do not check that {host}'s own third-party imports are installed before it runs",
+    )
     return parser
 
 
@@ -281,4 +302,18 @@ def retrofit_settings(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if hasattr(args, "text_dim"):
         retrofit["text_dim"] = args.text_dim
-    return {"host_root": str(Path(args.host_root).expanduser().resolve()), "retrofit": retrofit}
+    init = getattr(args, "init_from_host", None)
+    return {
+        "host_root": str(Path(args.host_root).expanduser().resolve()),
+        "retrofit": retrofit,
+        "init_from_host": None if init is None else str(Path(init).expanduser().resolve()),
+        "output_suffix": output_suffix(args.head, getattr(args, "output_suffix", None)),
+    }
+
+
+def check_dependencies_or_exit(host: str, script: str, modules: Dict[str, str]) -> None:
+    """Print one line naming what to ``pip install`` and exit (status 2) if any of ``modules`` is missing."""
+    missing = missing_dependencies(modules)
+    if missing:
+        print(dependency_message(host, script, missing), file=sys.stderr, flush=True)
+        raise SystemExit(2)

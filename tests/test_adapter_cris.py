@@ -196,24 +196,47 @@ def test_regroup_params_moves_aligner_into_head_group(host):
     assert set().union(*ids) == {id(p) for p in new.parameters()}
 
 
+def test_up_projection_is_cris_projectors(host):
+    """The aligner's up-projection has the layers, shapes and parameter count of CRIS's Projector.vis."""
+    _, model, _ = host
+    new = retrofit_cris(model, **SMALL)
+    ours = list(new.proj.mask_generator.projection.layers.named_parameters())
+    theirs = list(model.proj.vis.named_parameters())
+    assert [(n, p.shape) for n, p in ours] == [(n, p.shape) for n, p in theirs]
+    # At CRIS's own size (decoder width 512, in_dim 256): 512 -> 512 -> 256, 1x1 to 256, 3.61 M.
+    projector = H.Projector(word_dim=1024, in_dim=256, kernel_size=3)
+    aligner = VisionLanguageAligner(in_channels=512, query_dim=512, num_upsamples=2, mask_channels=256,
+                                    hidden_channels=(512, 256))
+    count = sum(p.numel() for p in aligner.mask_generator.projection.parameters())
+    assert count == sum(p.numel() for p in projector.vis.parameters()) == 3_606_272
+    assert [tuple(p.shape) for p in aligner.mask_generator.projection.parameters()] == [
+        tuple(p.shape) for p in projector.vis.parameters()
+    ]
+
+
 # --- run script on a replica checkout ----------------------------------------------------------
 
 _TRAIN = '''
-"""A stand-in for CRIS's train.py: builds through model.build_segmenter and spawns a worker."""
+"""A stand-in for CRIS's train.py: config via utils.config, model via build_segmenter, spawns a worker."""
 import argparse, json, os, sys
 import torch
 import torch.multiprocessing as mp
+import utils.config as config
 from model import build_segmenter
 import cris_host
 
 
 def main_worker(gpu, cfg, out):
     torch.manual_seed(0)
-    model, param_list = build_segmenter(cfg)
-    img, word, mask = cris_host.random_batch(cfg)
+    model_cfg = cris_host.tiny_cfg()
+    model_cfg.output_dir = os.path.join(cfg.output_folder, cfg.exp_name)  # as CRIS, before building
+    model_cfg.rank = gpu
+    model, param_list = build_segmenter(model_cfg)
+    start = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+    img, word, mask = cris_host.random_batch(model_cfg)
     model.train()
     pred, mask, loss = model(img, word, mask)
-    optimizer = torch.optim.Adam(param_list, lr=cfg.base_lr)
+    optimizer = torch.optim.Adam(param_list, lr=model_cfg.base_lr)
     loss.backward()
     optimizer.step()
     in_groups = {id(p) for g in param_list for p in g["params"]}
@@ -224,6 +247,7 @@ def main_worker(gpu, cfg, out):
             loss=float(loss), all_in_groups=all(id(p) in in_groups for p in model.parameters()),
             proj_in_head_group=all(id(p) in head_group for p in model.proj.parameters()),
             proj=type(model.proj).__name__, main=__name__, cwd=os.getcwd(),
+            output_dir=model_cfg.output_dir, start=start,
         ), f)
 
 
@@ -231,14 +255,38 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--opts", default=None, nargs=argparse.REMAINDER)
     args = parser.parse_args()
     assert os.path.isfile(args.config), args.config  # relative to the checkout
-    mp.spawn(main_worker, nprocs=1, args=(cris_host.tiny_cfg(), args.out))
+    cfg = config.load_cfg_from_cfg_file(args.config)
+    if args.opts is not None:
+        cfg = config.merge_cfg_from_list(cfg, args.opts)
+    mp.spawn(main_worker, nprocs=1, args=(cfg, args.out))
 
 
 if __name__ == "__main__":
     main()
     sys.exit(0)
+'''
+
+_CONFIG = '''
+"""A stand-in for CRIS's utils/config.py: flat "key: value" files and KEY VALUE overrides."""
+from types import SimpleNamespace
+
+
+def load_cfg_from_cfg_file(file):
+    cfg = {}
+    for line in open(file):
+        if ":" in line and line.startswith("  "):
+            key, value = line.strip().split(":", 1)
+            cfg[key.strip()] = value.strip()
+    return SimpleNamespace(**cfg)
+
+
+def merge_cfg_from_list(cfg, cfg_list):
+    for full_key, value in zip(cfg_list[0::2], cfg_list[1::2]):
+        setattr(cfg, full_key.split(".")[-1], value)
+    return cfg
 '''
 
 
@@ -247,21 +295,33 @@ def _replica_checkout(root: Path) -> Path:
     (root / "model" / "__init__.py").write_text("from cris_host import CRIS, build_segmenter\n")
     (root / "model" / "segmenter.py").write_text("from cris_host import CRIS\n")
     (root / "model" / "layers.py").write_text("from cris_host import FPN, Projector, TransformerDecoder\n")
+    (root / "utils").mkdir()
+    (root / "utils" / "__init__.py").write_text("")
+    (root / "utils" / "config.py").write_text(textwrap.dedent(_CONFIG))
     (root / "config").mkdir()
-    (root / "config" / "tiny.yaml").write_text("TRAIN:\n  input_size: 64\n")
+    (root / "config" / "tiny.yaml").write_text(
+        "TRAIN:\n  input_size: 64\n  exp_name: CRIS_tiny\n  output_folder: exp/refcoco\n"
+    )
     (root / "train.py").write_text(textwrap.dedent(_TRAIN))
     return root
+
+
+def _run_cris(checkout: Path, cwd: Path, *args: str, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HOSTS), str(REPO)]), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, str(REPO / "adapters" / "cris" / "run_cris.py"), "--host-root", str(checkout), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
 
 
 def test_run_script_patches_builder_in_spawned_workers(tmp_path):
     checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
     out = tmp_path / "result.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HOSTS), str(REPO)]), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "adapters" / "cris" / "run_cris.py"), "--host-root", str(checkout),
-         "--num-queries", "4", "--query-dim", "32", "--config", "config/tiny.yaml", "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    # --local-rank (torch >= 2.0's launcher) is taken out: CRIS's parser has no such flag.
+    proc = _run_cris(checkout, tmp_path, "--local-rank=0", "--skip-deps-check", "--num-queries", "4",
+                     "--query-dim", "32", "--config", "config/tiny.yaml", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["cls"] == "CRISWithAligner" and result["head"] == "aligner"
@@ -270,8 +330,76 @@ def test_run_script_patches_builder_in_spawned_workers(tmp_path):
     assert result["all_in_groups"] and result["proj_in_head_group"]
     assert result["main"] == "__mp_main__"  # it ran in the spawned worker
     assert Path(result["cwd"]).resolve() == checkout.resolve()
+    # Outputs go to a folder of their own, said at the start.
+    assert result["output_dir"] == os.path.join("exp/refcoco", "CRIS_tiny_aligner")
+    assert "its experiment name gets the suffix '_aligner'" in proc.stdout
+    assert "this run writes to exp/refcoco/CRIS_tiny_aligner" in proc.stdout
     # The user's files are untouched.
     assert (checkout / "model" / "__init__.py").read_text() == "from cris_host import CRIS, build_segmenter\n"
+
+
+@pytest.mark.slow  # two more spawning subprocesses; the default suffix is checked in the test above
+def test_run_script_suffix_follows_opts_and_option(tmp_path):
+    checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
+    out = tmp_path / "result.json"
+    proc = _run_cris(checkout, tmp_path, "--skip-deps-check", "--head", "fixed", "--config", "config/tiny.yaml",
+                     "--out", str(out), "--opts", "TRAIN.exp_name", "mine")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["head"] == "fixed" and result["output_dir"] == os.path.join("exp/refcoco", "mine_fixed")
+    proc = _run_cris(checkout, tmp_path, "--skip-deps-check", "--output-suffix", "_n8", "--num-queries", "4",
+                     "--query-dim", "32", "--config", "config/tiny.yaml", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["output_dir"] == os.path.join("exp/refcoco", "CRIS_tiny_n8")
+
+
+def test_run_script_init_from_host_checkpoint(tmp_path):
+    checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
+    torch.manual_seed(123)
+    trained, _ = H.build_segmenter(H.tiny_cfg())
+    ckpt = tmp_path / "best_model.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
+    out = tmp_path / "result.json"
+    proc = _run_cris(checkout, tmp_path, "--skip-deps-check", "--init-from-host", str(ckpt), "--num-queries", "4",
+                     "--query-dim", "32", "--config", "config/tiny.yaml", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = json.loads(out.read_text())["start"]
+    host = trained.state_dict()
+    for key, value in host.items():
+        if key.startswith("proj.vis."):
+            key = "proj.mask_generator.projection.layers." + key[len("proj.vis."):]
+        elif key.startswith("proj.txt."):
+            assert key not in start
+            continue
+        assert start[key] == pytest.approx(float(value.double().sum()), rel=1e-12, abs=1e-12), key
+    assert f"init from host checkpoint {ckpt}" in proc.stdout
+    assert "dropped     2 host tensors" in proc.stdout and "query_generator.*" in proc.stdout
+    # test.py reads the run's own checkpoint: --init-from-host is refused there, with the reason.
+    proc = _run_cris(checkout, tmp_path, "--skip-deps-check", "--script", "test.py", "--init-from-host", str(ckpt))
+    assert proc.returncode != 0 and "CRIS's test.py loads" in proc.stderr
+
+
+def test_run_script_checks_cris_dependencies_first(tmp_path):
+    from adapters.cris.run_cris import CRIS_DEPENDENCIES
+    from adapters.launch import dependency_message, missing_dependencies
+
+    checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
+    out = tmp_path / "result.json"
+    proc = _run_cris(checkout, tmp_path, "--num-queries", "4", "--query-dim", "32", "--config", "config/tiny.yaml",
+                     "--out", str(out))
+    missing = missing_dependencies(CRIS_DEPENDENCIES)
+    if missing:  # one line naming what to install, before CRIS runs
+        assert proc.returncode == 2 and not out.exists()
+        assert proc.stderr.strip() == dependency_message("CRIS", "train.py", missing)
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_run_script_refuses_several_launcher_processes(tmp_path):
+    checkout = _replica_checkout(tmp_path / "CRIS.pytorch")
+    proc = _run_cris(checkout, tmp_path, "--skip-deps-check", "--config", "config/tiny.yaml",
+                     env_extra={"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert proc.returncode != 0 and "starts one worker per visible GPU itself" in proc.stderr
 
 
 def test_run_script_rejects_a_folder_that_is_not_cris(tmp_path):
@@ -377,3 +505,22 @@ def test_real_cris_builder_is_patched_by_run_script(real_cris):
         assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
     finally:
         package.build_segmenter = original
+
+
+@pytest.mark.integration
+def test_real_cris_config_gets_the_suffix(real_cris):
+    """CRIS's own utils.config, wrapped by the run script: exp_name suffixed after the file and --opts."""
+    from adapters.cris.run_cris import patch_cris_config
+
+    config = importlib.import_module("utils.config")
+    originals = {n: getattr(config, n) for n in ("load_cfg_from_cfg_file", "merge_cfg_from_list")}
+    try:
+        patch_cris_config("_aligner")
+        patch_cris_config("_aligner")  # idempotent
+        cfg = config.load_cfg_from_cfg_file(str(Path(CRIS_ROOT) / "config" / "refcoco" / "cris_r50.yaml"))
+        assert cfg.exp_name == "CRIS_R50_aligner" and cfg.output_folder == "exp/refcoco"
+        assert config.merge_cfg_from_list(cfg, ["TRAIN.base_lr", "0.001"]).exp_name == "CRIS_R50_aligner"
+        assert config.merge_cfg_from_list(cfg, ["TRAIN.exp_name", "mine"]).exp_name == "mine_aligner"
+    finally:
+        for name, fn in originals.items():
+            setattr(config, name, fn)

@@ -11,6 +11,7 @@ stubbed by the test when not installed).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -222,13 +223,17 @@ import lavt_host
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="lavt")
 parser.add_argument("--img_size", type=int, default=64)
-parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--local_rank", type=int)  # LAVT's args.py: this spelling only, no default
+parser.add_argument("--model_id", default="lavt")
+parser.add_argument("--output-dir", default="./checkpoints/")
+parser.add_argument("--resume", default="")
 parser.add_argument("--out", required=True)
 
 if __name__ == "__main__":
     args = parser.parse_args()
     host_args = lavt_host.tiny_args(model=args.model, img_size=args.img_size)
     model = segmentation.__dict__[args.model](pretrained="", args=host_args)
+    start = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
     params = [{"params": list(model.backbone.parameters())},
               {"params": [p for p in model.classifier.parameters() if p.requires_grad]}]
     if args.model == "lavt_one":
@@ -250,7 +255,8 @@ if __name__ == "__main__":
         json.dump(dict(cls=type(model).__name__, head=model.head, out=list(output.shape),
                        other_cls=type(other_model).__name__,
                        loss=float(loss), all_optimised=all(id(p) in covered for p in model.parameters()),
-                       local_rank=args.local_rank, cwd=os.getcwd()), f)
+                       local_rank=args.local_rank, cwd=os.getcwd(), model_id=args.model_id,
+                       start=start), f)
 '''
 
 
@@ -264,17 +270,24 @@ def _replica_checkout(root: Path) -> Path:
     return root
 
 
+def _run_lavt(checkout: Path, cwd: Path, *args: str, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HOSTS), str(REPO)]), OMP_NUM_THREADS="1")
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, str(REPO / "adapters" / "lavt" / "run_lavt.py"), "--host-root", str(checkout), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_run_script_patches_lavt_builders(tmp_path):
     checkout = _replica_checkout(tmp_path / "LAVT-RIS")
     out = tmp_path / "result.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HOSTS), str(REPO)]), OMP_NUM_THREADS="1")
     # --text-dim matches the replica's 24-wide words (LAVT-One reads it from its BERT anyway).
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "adapters" / "lavt" / "run_lavt.py"), "--host-root", str(checkout),
-         "--num-queries", "4", "--query-dim", "32", "--text-dim", "24", "--local_rank=0",
-         "--model", "lavt_one", "--", "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    # --local-rank is what torch.distributed.launch passes since torch 2.0.
+    proc = _run_lavt(checkout, tmp_path, "--local-rank=0", "--skip-deps-check", "--num-queries", "4",
+                     "--query-dim", "32", "--text-dim", "24", "--model", "lavt_one", "--", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["cls"] == result["other_cls"] == "LAVTWithAligner"  # both builders wrapped
@@ -282,6 +295,69 @@ def test_run_script_patches_lavt_builders(tmp_path):
     assert result["out"] == [2, 2, 64, 64] and result["loss"] > 0
     assert result["all_optimised"]  # the aligner is trained by LAVT's own optimizer setup
     assert Path(result["cwd"]).resolve() == checkout.resolve()
+    # Its checkpoint name differs from a plain run's, and the script says where it goes.
+    assert result["model_id"] == "lavt_aligner"
+    assert "model_best_lavt_aligner.pth" in proc.stdout
+
+
+@pytest.mark.slow  # four subprocesses; the forms themselves are unit-tested in test_adapter_runner.py
+@pytest.mark.parametrize(
+    "launch, env, expected",
+    [
+        (["--local_rank=2"], {}, 2),          # torch < 2.0's launcher
+        (["--local-rank", "3"], {}, 3),       # torch >= 2.0's launcher
+        ([], {"LOCAL_RANK": "1"}, 1),         # torchrun: the environment only
+        ([], {}, None),                       # a plain single-process run
+    ],
+)
+def test_run_script_gives_lavt_the_local_rank_it_understands(tmp_path, launch, env, expected):
+    checkout = _replica_checkout(tmp_path / "LAVT-RIS")
+    out = tmp_path / "result.json"
+    proc = _run_lavt(checkout, tmp_path, *launch, "--skip-deps-check", "--head", "fixed", "--model", "lavt",
+                     "--model_id", "mine", "--out", str(out), env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["local_rank"] == expected and result["head"] == "fixed"
+    assert result["model_id"] == "mine_fixed"
+
+
+def test_run_script_init_from_host_checkpoint(tmp_path):
+    checkout = _replica_checkout(tmp_path / "LAVT-RIS")
+    args = H.tiny_args(img_size=64)
+    torch.manual_seed(7)
+    trained = H.lavt(args=args)
+    ckpt = tmp_path / "model_best_lavt.pth"
+    torch.save({"model": trained.state_dict(), "epoch": 3, "args": argparse.Namespace(model="lavt", lr=5e-5)}, ckpt)
+    out = tmp_path / "result.json"
+    proc = _run_lavt(checkout, tmp_path, "--skip-deps-check", "--init-from-host", str(ckpt), "--num-queries", "4",
+                     "--query-dim", "32", "--text-dim", "24", "--model", "lavt", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = json.loads(out.read_text())["start"]
+    for key, value in trained.state_dict().items():
+        if key.startswith("classifier.conv1_1."):
+            assert key not in start
+        else:
+            assert start[key] == pytest.approx(float(value.double().sum()), rel=1e-12, abs=1e-12), key
+    assert "dropped     2 host tensors" in proc.stdout and "classifier.conv1_1.weight" in proc.stdout
+    assert "classifier.aligner.*" in proc.stdout and "classifier.query_generator.*" in proc.stdout
+    proc = _run_lavt(checkout, tmp_path, "--skip-deps-check", "--init-from-host", str(ckpt), "--resume", "x.pth")
+    assert proc.returncode != 0 and "--init-from-host and --resume exclude each other" in proc.stderr
+
+
+def test_run_script_checks_lavt_dependencies_first(tmp_path):
+    from adapters.launch import dependency_message, missing_dependencies
+    from adapters.lavt.run_lavt import LAVT_DEPENDENCIES
+
+    checkout = _replica_checkout(tmp_path / "LAVT-RIS")
+    out = tmp_path / "result.json"
+    proc = _run_lavt(checkout, tmp_path, "--num-queries", "4", "--query-dim", "32", "--text-dim", "24",
+                     "--out", str(out))
+    missing = missing_dependencies(LAVT_DEPENDENCIES)
+    if missing:
+        assert proc.returncode == 2 and not out.exists()
+        assert proc.stderr.strip() == dependency_message("LAVT", "train.py", missing)
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --- opt-in: the real LAVT ---------------------------------------------------------------------
@@ -385,3 +461,23 @@ def test_real_lavt_builders_are_patched_by_run_script(real_lavt):
         assert model.classifier.query_generator.grid_size == (14, 14)
     finally:
         segmentation.lavt = original
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("launch", [["--local-rank=0"], ["--local_rank", "0"], []])
+def test_real_lavt_parser_accepts_what_the_run_script_passes(launch, monkeypatch):
+    """LAVT's own args.py parses the command line run_lavt.py hands it, for every launcher form."""
+    if not LAVT_ROOT:
+        pytest.skip("set VLALIGNER_LAVT_ROOT to a LAVT-RIS checkout to run against real LAVT")
+    from adapters.launch import normalize_local_rank
+    from adapters.lavt.run_lavt import suffixed_model_id
+
+    spec = importlib.util.spec_from_file_location("vlaligner_test_lavt_args", Path(LAVT_ROOT) / "args.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv, rank = normalize_local_rank([*launch, "--model", "lavt", "--swin_type", "tiny"], host_flag="--local_rank",
+                                      environ={"LOCAL_RANK": "0"})
+    args = module.get_parser().parse_args(suffixed_model_id(argv, "_aligner"))
+    assert args.local_rank == rank == 0 and args.model_id == "lavt_aligner" and args.swin_type == "tiny"
+    with pytest.raises(SystemExit):  # what the launcher passes, unnormalised, LAVT refuses
+        module.get_parser().parse_args(["--local-rank=0"])

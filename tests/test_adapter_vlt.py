@@ -183,13 +183,62 @@ def test_train_steps_on_random_batches(vlt, batch):
         train_steps(new, batches, steps=0)
 
 
-def test_train_script_on_synthetic_set(tmp_path):
-    out = tmp_path / "losses.json"
-    losses = train_main([
-        "--synthetic", "4", "--data-root", str(tmp_path / "synth"), "--steps", "4",
-        "--num-queries", "4", "--img-size", "64", "--max-length", "12", "--json", str(out),
-    ])
-    saved = json.loads(out.read_text())
-    assert saved["losses"] == losses and saved["head"] == "aligner" and len(losses) == 4
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
+def _train(tmp_path, *extra):
+    synth = tmp_path / "synth"
+    args = ["--data-root", str(synth), "--num-queries", "4", "--img-size", "64", "--max-length", "12",
+            "--batch-size", "2", "--val-samples", "6", "--threads", "1", *extra]
+    if not (synth / "refcoco").is_dir():
+        args += ["--synthetic", "8"]
+    return train_main(args)
+
+
+def test_train_script_evaluates_checkpoints_and_resumes_exactly(tmp_path):
+    from vlaligner import engine
+
+    out = tmp_path / "run"
+    full = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "full"),
+                  "--json", str(tmp_path / "full.json"))
+    assert full["step"] == 4 and len(full["losses"]) == 4 and full["head"] == "aligner"
+    assert all(torch.isfinite(torch.tensor(full["losses"])))
+    metrics = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert {"oIoU", "mIoU", "Pr@0.5"} <= set(metrics[-1]["metrics"]) and 1 <= metrics[-1]["metrics"]["num_samples"] <= 6
+    assert json.loads((tmp_path / "full.json").read_text())["losses"] == full["losses"]
+    for name in ("best", "last"):
+        folder = out / "full" / name
+        assert (folder / "model.safetensors").is_file() and (folder / "training_state.json").is_file()
+        config = json.loads((folder / "vlt_config.json").read_text())
+        assert config["config"]["head"] == "aligner" and config["config"]["num_queries"] == 4
+        assert len(config["model.safetensors sha256"]) == 64
+        assert not list(folder.glob("*.pt*")) and not list(folder.glob("*.bin"))  # no pickles
+    assert engine.load_checkpoint(out / "full" / "last")["step"] == 4
+    # Interrupted after step 2, then resumed: the same losses and weights as the run without a stop.
+    part = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"),
+                  "--stop-after-steps", "3")
+    assert part["step"] == 3
+    resumed = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"), "--resume")
+    assert resumed["step"] == 4 and resumed["losses"] == full["losses"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "full" / "last" / "model.safetensors"))
+    b = load_file(str(out / "part" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("aligner.") for k in a) and "final_conv.weight" not in a
+
+
+def test_train_script_refuses_bad_commands(tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, "--max-steps", "1", "--output-dir", str(out), "--head", "fixed")
+    from safetensors.torch import load_file
+
+    assert "final_conv.weight" in load_file(str(out / "last" / "model.safetensors"))
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        _train(tmp_path, "--max-steps", "1", "--output-dir", str(out))
+    with pytest.raises(SystemExit, match="differs from this command's"):  # another head than the checkpoint's
+        _train(tmp_path, "--max-steps", "2", "--output-dir", str(out), "--resume")
+    with pytest.raises(SystemExit, match="--img-size must be a positive multiple of 32"):
+        train_main(["--img-size", "48"])
+    with pytest.raises(SystemExit, match="the synthetic set has refcoco"):
+        train_main(["--dataset", "refcocog"])
+    with pytest.raises(SystemExit, match="refs\\(umd\\).p"):
+        train_main(["--dataset", "refcocog", "--data-root", str(tmp_path / "synth")])

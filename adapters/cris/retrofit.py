@@ -17,8 +17,11 @@ the aligner's n query kernels, with queries built from CRIS's own features:
 - global vision feature: the spatial mean of the stride-32 map (CLIP's attention-pooled
   ``(b embed_dim 13 13)``; its width equals the sentence ``state``'s: 1024 RN50, 512 RN101);
 - the aligner reads the decoder output ``fq (b 512 26 26)`` and up-projects it to stride 4
-  as the Projector did (two rounds of 2x upsampling + 3x3 conv, then 1x1) to
-  ``proj.in_dim`` channels (256), so the prediction keeps CRIS's ``(b 1 104 104)``.
+  exactly as the Projector's ``vis`` does (same layers and channels: 2x bilinear upsampling +
+  3x3 conv-BN-ReLU 512 -> 512, 2x upsampling + 3x3 conv-BN-ReLU 512 -> 256, 1x1 conv 256 ->
+  256; 3.61 M parameters for CRIS's ``in_dim=256``), so that CRIS and CRIS + aligner differ
+  only by the kernels and the query generator, and the prediction keeps CRIS's
+  ``(b 1 104 104)``.
 
 The returned :class:`CRISWithAligner` keeps ``CRIS.forward(img, word, mask=None)``: in training
 it returns ``(pred.detach(), mask, loss)`` with the mask resized (nearest) to the prediction
@@ -192,6 +195,8 @@ def retrofit_cris(
     aligner = VisionLanguageAligner(
         in_channels=width, query_dim=dim, kernel_size=kernel_size, num_heads=num_heads,
         use_estimator=use_estimator, num_upsamples=2, mask_channels=in_dim,
+        # CRIS's Projector.vis: 2x up + 3x3 conv to 2*in_dim, 2x up + 3x3 conv to in_dim, 1x1 to in_dim.
+        hidden_channels=(width, in_dim),
     )
     device, dtype = _device_dtype(model)
     generator.to(device=device, dtype=dtype)
