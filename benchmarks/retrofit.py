@@ -9,7 +9,7 @@ loop trains the model on the synthetic RefCOCO-layout set with the host's own lo
 logits; by default plus a soft Dice term, the same for both heads, as short runs on BCE alone
 predict background everywhere: measured, mIoU 0.00 for VLT after 300 steps), the same
 data order, the same number of steps and the same seeds, then evaluates the final model on
-the validation split (oIoU, mIoU, Pr@X at the original image size, ``vlaligner.engine.evaluate``).
+the validation split (oIoU, mIoU, Pr@X at the original image size, ``vlaligner.evaluate_masks``).
 The tables report mean and spread (sample standard deviation and min-max) over the seeds.
 
 Designed for a scarce CPU: one configuration (host, head, seed) at the defaults (96 px,
@@ -64,7 +64,7 @@ class HostModel:
 
     ``model`` holds every trained parameter; ``loss(batch)`` is the host's own training loss
     on a collated batch; ``predictor`` is a module with ``forward(images (b 3 S S),
-    input_ids (b l), attention_mask (b l)) -> logits (b 1 h w)`` for ``engine.evaluate``.
+    input_ids (b l), attention_mask (b l)) -> logits (b 1 h w)`` for ``evaluate_masks``.
     """
 
     model: nn.Module
@@ -73,7 +73,7 @@ class HostModel:
 
 
 class _CRISPredictor(nn.Module):
-    """CRIS's evaluation forward ``model(img, word) -> pred (b 1 S/4 S/4)`` with the engine's signature."""
+    """CRIS's evaluation forward ``model(img, word) -> pred (b 1 S/4 S/4)`` with the trainer's signature."""
 
     def __init__(self, cris: nn.Module) -> None:
         super().__init__()
@@ -101,8 +101,7 @@ def build_host(host: str, head: str, *, img_size: int, vocab_size: int, max_leng
     nearest, to the logits), plus ``dice_weight`` times a soft Dice loss when asked (the same
     for both heads; short runs on BCE alone predict background everywhere).
     """
-    from vlaligner.engine import soft_dice_loss
-    from vlaligner.losses import mask_bce_loss
+    from vlaligner.losses import mask_bce_loss, soft_dice_loss
 
     def host_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         loss = mask_bce_loss(logits, mask)
@@ -149,7 +148,12 @@ def build_host(host: str, head: str, *, img_size: int, vocab_size: int, max_leng
 # ------------------------------------------------------------------------------------ one run
 def run_config(args: argparse.Namespace, host: str, head: str, seed: int, data_root: Path) -> dict:
     """Train (host, head) with ``seed`` and evaluate the final model on the validation split."""
-    from vlaligner import engine
+    from vlaligner.data import default_cache_dir, ensure_synthetic_set
+    from vlaligner.losses import soft_dice_loss
+    from vlaligner.training.evaluation import evaluate as evaluate_masks
+    from vlaligner.training.rng import seed_everything
+    from vlaligner.training.sampler import ShardedSampler
+    from vlaligner.training.schedule import build_poly_scheduler
     from vlaligner.data import RefDataset, collate_ref_batch
     from vlaligner.models.tokenizer import load_tiny_tokenizer, tokenize
 
@@ -164,14 +168,14 @@ def run_config(args: argparse.Namespace, host: str, head: str, seed: int, data_r
     val_set = RefDataset(data_root, "refcoco", "unc", "val", **common)
     if args.val_samples:
         val_set = torch.utils.data.Subset(val_set, range(min(args.val_samples, len(val_set))))
-    engine.seed_everything(seed)
+    seed_everything(seed)
     built = build_host(host, head, img_size=args.img_size, vocab_size=len(tokenizer),
                        max_length=args.max_length, num_queries=args.num_queries, device=device,
                        dice_weight=args.dice_weight)
     params = [p for p in built.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
-    scheduler = engine.build_poly_scheduler(optimizer, total_steps=args.steps)
-    sampler = engine.ShardedSampler(len(train_set), shuffle=True, seed=seed, global_batch_size=args.batch_size)
+    scheduler = build_poly_scheduler(optimizer, total_steps=args.steps)
+    sampler = ShardedSampler(len(train_set), shuffle=True, seed=seed, global_batch_size=args.batch_size)
     losses: List[float] = []
     t0 = time.perf_counter()
     epoch = 0
@@ -198,7 +202,7 @@ def run_config(args: argparse.Namespace, host: str, head: str, seed: int, data_r
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=args.batch_size, shuffle=False, collate_fn=collate_ref_batch, num_workers=args.num_workers,
     )
-    metrics = engine.evaluate(built.predictor, val_loader, device=device, progress=False)
+    metrics = evaluate_masks(built.predictor, val_loader, device=device, progress=False)
     n_params = sum(p.numel() for p in built.model.parameters())
     tail = losses[-20:]
     return dict(
@@ -314,7 +318,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dice-weight", type=float, default=1.0,
                    help="add this times a soft Dice loss to each host's BCE, for both heads (0: BCE only)")
     p.add_argument("--synthetic-images", type=int, default=800)
-    p.add_argument("--cache-dir", type=Path, default=None, help="synthetic set folder (default: the engine's cache)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="synthetic set folder (default: the package's cache)")
     p.add_argument("--val-samples", type=int, default=0, help="evaluate on the first N val sentences (0: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -344,10 +348,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     torch.set_num_threads(args.threads)
-    from vlaligner import engine
+    from vlaligner.data import default_cache_dir, ensure_synthetic_set
+    from vlaligner.losses import soft_dice_loss
+    from vlaligner.training.evaluation import evaluate as evaluate_masks
+    from vlaligner.training.rng import seed_everything
+    from vlaligner.training.sampler import ShardedSampler
+    from vlaligner.training.schedule import build_poly_scheduler
 
-    cache = args.cache_dir or engine.default_cache_dir()
-    data_root = engine.ensure_synthetic_set(cache, num_images=args.synthetic_images, seed=0, log=print)
+    cache = args.cache_dir or default_cache_dir()
+    data_root = ensure_synthetic_set(cache, num_images=args.synthetic_images, seed=0, log=print)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("hosts", "heads", "seeds", "output_dir", "results_name", "rerun", "num_workers")}

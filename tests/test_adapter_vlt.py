@@ -193,7 +193,7 @@ def _train(tmp_path, *extra):
 
 
 def test_train_script_evaluates_checkpoints_and_resumes_exactly(tmp_path):
-    from vlaligner import engine
+    from vlaligner.training.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     full = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "full"),
@@ -211,7 +211,7 @@ def test_train_script_evaluates_checkpoints_and_resumes_exactly(tmp_path):
         assert config["config"]["head"] == "aligner" and config["config"]["num_queries"] == 4
         assert len(config["model.safetensors sha256"]) == 64
         assert not list(folder.glob("*.pt*")) and not list(folder.glob("*.bin"))  # no pickles
-    assert engine.load_checkpoint(out / "full" / "last")["step"] == 4
+    assert load_checkpoint(out / "full" / "last")["step"] == 4
     # Interrupted after step 2, then resumed: the same losses and weights as the run without a stop.
     part = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"),
                   "--stop-after-steps", "3")

@@ -5,7 +5,7 @@ Axis legend: b batch, l words, S input size, h w logit grid (S / out_stride).
 Usage::
 
     # a few CPU steps of the tiny VLT + aligner on the synthetic set (generated once into
-    # the engine's cache), with evaluation and best / last checkpoints in runs/vlt-tiny
+    # the package's cache), with evaluation and best / last checkpoints in runs/vlt-tiny
     python adapters/vlt/train_vlt.py --max-steps 20 --eval-every 10 --output-dir runs/vlt-tiny
     python adapters/vlt/train_vlt.py --max-steps 40 --output-dir runs/vlt-tiny --resume
     # VLT's own fixed final kernel, for comparison (write elsewhere)
@@ -15,7 +15,7 @@ Usage::
         --bert ~/models/bert-base-uncased --data-root ~/refer_data --dataset refcoco+ \\
         --img-size 480 --batch-size 32 --lr 1e-4 --epochs 40 --amp bf16 --output-dir runs/vlt-refcoco+
 
-The training loop is the project's (``vlaligner.engine``): Adam with polynomial decay per
+The training loop is the project's (``vlaligner.training``): Adam with polynomial decay per
 step, a data order that is a pure function of (seed, epoch) split over processes
 (``ShardedSampler``), DistributedDataParallel under ``torchrun``, mixed precision on GPU,
 evaluation (oIoU, mIoU, Pr@X at the original image size) every ``--eval-every`` steps and at
@@ -54,8 +54,14 @@ if str(_REPO) not in sys.path:
 from adapters import HEADS  # noqa: E402
 from adapters.vlt.model import VLT, build_vlt_swin_b, build_vlt_tiny, vlt_loss  # noqa: E402
 from adapters.vlt.retrofit import retrofit_vlt  # noqa: E402
-from vlaligner import engine  # noqa: E402
-from vlaligner.engine import DistEnv, ShardedSampler  # noqa: E402
+from vlaligner.data import check_data_root, default_cache_dir, ensure_synthetic_set
+from vlaligner.fileio import resolve_checkpoint_dir
+from vlaligner.training.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from vlaligner.training.distributed import DistEnv
+from vlaligner.training.evaluation import evaluate as evaluate_masks
+from vlaligner.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from vlaligner.training.sampler import ShardedSampler, epoch_seed
+from vlaligner.training.schedule import build_poly_scheduler  # noqa: E402
 
 __all__ = ["VLTConfig", "VLTTask", "SegmentationOutput", "train_steps", "build_parser", "resolve_args", "main"]
 
@@ -205,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refer layout root; without it the synthetic set is generated once into --cache-dir")
     g.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="write a synthetic set of N images into --data-root first (a folder of your own)")
-    g.add_argument("--cache-dir", type=Path, default=None, help="synthetic set cache (default: the engine's)")
+    g.add_argument("--cache-dir", type=Path, default=None, help="synthetic set cache (default: the package's)")
     g.add_argument("--synthetic-images", type=int, default=800, help="images of the cached synthetic set")
     g.add_argument("--dataset", default="refcoco", choices=DATASETS)
     g.add_argument("--split-by", default=None, help="unc (RefCOCO/+), umd or google (G-Ref); default per data set")
@@ -283,15 +289,15 @@ def resolve_args(argv: Optional[Sequence[str]] = None, env: Optional[DistEnv] = 
         raise UsageError(f"the synthetic set has refcoco (unc) only, got --dataset {args.dataset}: pass --data-root")
     if args.data_root is not None and not args.synthetic:
         try:
-            engine.check_data_root(args.data_root, args.dataset, args.split_by)
+            check_data_root(args.data_root, args.dataset, args.split_by)
         except FileNotFoundError as err:
             raise UsageError(f"--data-root: {err}") from None
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"vlt-{args.model}-{args.head}-{args.dataset}"
     last = args.output_dir / "last"
-    if args.resume and engine.resolve_checkpoint_dir(last) is None:
+    if args.resume and resolve_checkpoint_dir(last) is None:
         raise UsageError(f"--resume: no checkpoint in {last}; run without --resume to start")
-    if not args.resume and not args.overwrite and engine.resolve_checkpoint_dir(last) is not None:
+    if not args.resume and not args.overwrite and resolve_checkpoint_dir(last) is not None:
         raise UsageError(f"{args.output_dir} already holds a checkpoint ({last}); pass --resume to continue "
                          "it or --overwrite to start over")
     return args
@@ -318,7 +324,7 @@ def _sha256(path: Path) -> str:
 
 
 class VLTTrainer:
-    """One run: data, model, optimizer, schedule, evaluation and checkpoints (engine pieces only)."""
+    """One run: data, model, optimizer, schedule, evaluation and checkpoints (the training package's pieces)."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv) -> None:
         self.args, self.env = args, env
@@ -356,8 +362,8 @@ class VLTTrainer:
         self._barrier()
         self.log(f"command: {args.command}")
         if args.data_root is None:
-            cache = args.cache_dir or engine.default_cache_dir()
-            self.data_root = engine.ensure_synthetic_set(cache, num_images=args.synthetic_images, seed=0, log=self.log)
+            cache = args.cache_dir or default_cache_dir()
+            self.data_root = ensure_synthetic_set(cache, num_images=args.synthetic_images, seed=0, log=self.log)
         else:
             self.data_root = Path(args.data_root)
             if args.synthetic and env.is_main:
@@ -371,7 +377,7 @@ class VLTTrainer:
             max_length=args.max_length, num_queries=args.num_queries, kernel_size=args.kernel_size,
             use_estimator=not args.no_estimator, use_global_vision=not args.no_global_vision,
         )
-        engine.seed_everything(args.seed)  # the same initial weights on every process
+        seed_everything(args.seed)  # the same initial weights on every process
         self.task = VLTTask(self.config, bert=args.bert, pretrained=args.pretrained).to(self.device)
 
         from vlaligner.data import RefDataset
@@ -395,14 +401,14 @@ class VLTTrainer:
             self.total_steps = args.max_steps
         params = [p for p in self.task.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = engine.build_poly_scheduler(self.optimizer, total_steps=self.total_steps, power=args.poly_power)
+        self.scheduler = build_poly_scheduler(self.optimizer, total_steps=self.total_steps, power=args.poly_power)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.step = self.epoch = self.step_in_epoch = 0
         self.best_score, self.best_step, self.last_eval_step = -math.inf, None, None
         if args.resume:
             self._resume()
         else:
-            engine.seed_everything(args.seed + env.rank)
+            seed_everything(args.seed + env.rank)
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -425,13 +431,13 @@ class VLTTrainer:
             dist.barrier()
 
     def _resume(self) -> None:
-        state = engine.load_checkpoint(self.out / "last")
+        state = load_checkpoint(self.out / "last")
         saved = json.loads((Path(state["path"]) / CONFIG_NAME).read_text())["config"]
         if saved != asdict(self.config):
             differ = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
             raise UsageError(f"--resume: the checkpoint's model differs from this command's "
                              f"(checkpoint, command): {differ}")
-        engine.load_model_weights(self.task.model, state["path"])
+        load_model_weights(self.task.model, state["path"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None:
@@ -443,9 +449,9 @@ class VLTTrainer:
         self.best_step, self.last_eval_step = state.get("best_step"), state.get("last_eval_step")
         rng = state.get("rng") or []
         if len(rng) == self.env.world_size:
-            engine.restore_rng_state(rng[self.env.rank])
+            restore_rng_state(rng[self.env.rank])
         else:
-            engine.seed_everything(self.args.seed + self.env.rank + self.step)
+            seed_everything(self.args.seed + self.env.rank + self.step)
         if self.env.is_main:
             for name in ("losses.jsonl", "metrics.jsonl"):
                 rows = [r for r in _read_jsonl(self.out / name) if int(r.get("step", 0)) <= self.step]
@@ -453,12 +459,12 @@ class VLTTrainer:
         self.log(f"resumed from {state['path']} at step {self.step}")
 
     def save(self, name: str) -> None:
-        rng = [engine.capture_rng_state()]
+        rng = [capture_rng_state()]
         if self.env.distributed:
             import torch.distributed as dist
 
             rng = [None] * self.env.world_size
-            dist.all_gather_object(rng, engine.capture_rng_state())
+            dist.all_gather_object(rng, capture_rng_state())
         if not self.env.is_main:
             return
         extra = dict(step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
@@ -472,7 +478,7 @@ class VLTTrainer:
                         "model.safetensors sha256": _sha256(folder / "model.safetensors")}
             (folder / CONFIG_NAME).write_text(json.dumps(document, indent=1))
 
-        engine.save_checkpoint(self.out / name, model=self.task.model, optimizer=self.optimizer,
+        save_checkpoint(self.out / name, model=self.task.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, scaler=self.scaler, rng_states=rng,
                                args=vars(self.args), extra=extra, before_commit=write_config)
 
@@ -481,7 +487,7 @@ class VLTTrainer:
 
         loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.args.eval_batch_size, sampler=self.val_sampler,
                                              collate_fn=collate_ref_batch, num_workers=self.args.num_workers)
-        metrics = engine.evaluate(self.task, loader, device=self.device, amp_dtype=self.amp_dtype, progress=False)
+        metrics = evaluate_masks(self.task, loader, device=self.device, amp_dtype=self.amp_dtype, progress=False)
         self.last_eval_step = self.step
         score = metrics[self.args.best_metric]
         improved = score > self.best_score
@@ -504,7 +510,7 @@ class VLTTrainer:
             loader = torch.utils.data.DataLoader(
                 self.train_set, batch_size=args.batch_per_process, sampler=self.train_sampler,
                 collate_fn=collate_ref_batch, num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(engine._epoch_seed(args.seed, self.epoch) + self.step_in_epoch),
+                generator=torch.Generator().manual_seed(epoch_seed(args.seed, self.epoch) + self.step_in_epoch),
             )
             self.forward.train()
             for batch in loader:
