@@ -519,6 +519,9 @@ class RefDataset(Dataset):
         self.img_size = img_size
         self.max_length = max_length
         self.augment = augment
+        #: With a seed (``set_augment_seed``), the flip of sample i is a pure function of
+        #: (seed, i): the same in every loader worker and in a resumed run. None: torch's RNG.
+        self.augment_seed: Optional[int] = None
 
         self.generalized = dataset in GENERALIZED_DATASETS
         if self.generalized:
@@ -690,6 +693,17 @@ class RefDataset(Dataset):
             ]
         return problems
 
+    def set_augment_seed(self, seed: Optional[int]) -> None:
+        """Make the random flips a function of ``(seed, index)`` (a trainer sets one per epoch)."""
+        self.augment_seed = None if seed is None else int(seed)
+
+    def _flips(self, index: int) -> bool:
+        """Whether sample ``index`` is flipped (probability 0.5)."""
+        if self.augment_seed is None:
+            return bool(torch.rand(()) < 0.5)
+        generator = torch.Generator().manual_seed((self.augment_seed * 1_000_003 + int(index)) % (2**63))
+        return bool(torch.rand((), generator=generator) < 0.5)
+
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         return len(self.samples)
@@ -763,7 +777,7 @@ class RefDataset(Dataset):
         img_t = preprocess_image(image, self.img_size)
         mask_t = resize_mask(orig_np, self.img_size)
         orig = torch.from_numpy(orig_np)
-        if self.augment and bool(torch.rand(()) < 0.5):
+        if self.augment and self._flips(index):
             # Flip everything together: the sentence's left becomes right.
             img_t, mask_t, sentence = hflip_sample(img_t, mask_t, sentence)
             orig = orig.flip(-1)

@@ -323,10 +323,13 @@ def resolve_train_args(
         raise UsageError(str(err)) from None
     if args.init_from is not None and not (args.init_from / "model.safetensors").is_file():
         raise UsageError(f"--init-from {args.init_from} has no model.safetensors (an EAVL checkpoint folder)")
-    if args.init_from is not None:
-        inputs = {Path(args.init_from).resolve()}
-        if args.output_dir.resolve() in inputs or any(p in inputs for p in args.output_dir.resolve().parents):
-            raise UsageError(f"--output-dir {args.output_dir} would write over --init-from {args.init_from}")
+    out = args.output_dir.resolve()
+    for option, value in (("--init-from", args.init_from), ("--data-root", args.data_root), ("--cache-dir", args.cache_dir)):
+        if value is None:
+            continue
+        source = Path(value).expanduser().resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise UsageError(f"--output-dir {args.output_dir} overlaps {option} {value}: a run never writes among its inputs")
     if args.pretrained and args.model == "tiny":
         from ..models.builders import tiny_pretrained_weights
 

@@ -101,6 +101,13 @@ def _image_path(dataset, index: int) -> Path:
     return dataset.image_path(index)
 
 
+def _base_dataset(dataset):
+    """The RefDataset inside (nested) ``Subset`` wrappers."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def make_loader(dataset, sampler, batch_size: int, args: argparse.Namespace, device: torch.device, seed: int):
     """A DataLoader over ``sampler`` whose own generator is seeded (a resumed run draws the same)."""
     from ..data import collate_ref_batch
@@ -409,6 +416,8 @@ class Trainer:
         start_step = self.step
         while self.step < self.total_steps and self.epoch < args.epochs:
             self.train_sampler.set_epoch(self.epoch, skip=self.step_in_epoch * per_rank_step)
+            # Flips drawn as a function of (seed, epoch, sample): exact on resume, whatever the workers.
+            _base_dataset(self.train_set).set_augment_seed(epoch_seed(args.seed, self.epoch))
             loader = make_loader(
                 self.train_set, self.train_sampler, args.batch_per_step, args, self.device,
                 seed=epoch_seed(args.seed, self.epoch) + self.step_in_epoch,
