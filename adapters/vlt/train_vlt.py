@@ -33,7 +33,6 @@ project's shared trainer when it exists.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -55,7 +54,9 @@ from adapters import HEADS  # noqa: E402
 from adapters.vlt.model import VLT, build_vlt_swin_b, build_vlt_tiny, vlt_loss  # noqa: E402
 from adapters.vlt.retrofit import retrofit_vlt  # noqa: E402
 from vlaligner.data import check_data_root, default_cache_dir, ensure_synthetic_set
-from vlaligner.fileio import resolve_checkpoint_dir
+from vlaligner.fileio import read_jsonl, resolve_checkpoint_dir, sha256_file
+from vlaligner.training.options import UsageError as TrainingUsageError
+from vlaligner.training.options import resolve_device_option as resolve_device
 from vlaligner.training.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from vlaligner.training.distributed import DistEnv
 from vlaligner.training.evaluation import evaluate as evaluate_masks
@@ -276,13 +277,9 @@ def resolve_args(argv: Optional[Sequence[str]] = None, env: Optional[DistEnv] = 
     args.batch_per_process = args.batch_size // env.world_size
     args.eval_batch_size = args.eval_batch_size or args.batch_per_process
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device; expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
-    if args.amp != "none" and device.type != "cuda":
-        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+        resolve_device(args)  # the training package's check: a device that exists, AMP on CUDA only
+    except TrainingUsageError as err:
+        raise UsageError(str(err)) from None
     if args.synthetic and args.data_root is None:
         raise UsageError("--synthetic N writes a synthetic set into --data-root: pass --data-root")
     if args.data_root is None and args.dataset != "refcoco":
@@ -309,18 +306,8 @@ def _jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _read_jsonl(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_read_jsonl = read_jsonl
+_sha256 = sha256_file
 
 
 class VLTTrainer:

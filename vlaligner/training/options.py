@@ -28,7 +28,7 @@ from .recipes import RECIPE_FIELDS, RECIPES, resolve_recipe
 
 __all__ = [
     "UsageError", "DATASETS", "DEFAULT_SPLIT_BY", "SPLIT_BYS", "PAPER_DEFAULTS", "DEMO_DEFAULTS", "DEMO_MODEL_KWARGS",
-    "build_train_parser", "resolve_train_args", "build_eval_parser", "resolve_eval_args", "SPLITS", "GENERALIZED",
+    "build_train_parser", "resolve_train_args", "resolve_device_option", "build_eval_parser", "resolve_eval_args", "SPLITS", "GENERALIZED",
 ]
 
 
@@ -36,7 +36,7 @@ class UsageError(ValueError):
     """A command-line mistake, reported before any heavy work."""
 
 
-def _resolve_device(args: argparse.Namespace) -> None:
+def resolve_device_option(args: argparse.Namespace) -> None:
     """``--device auto`` -> cuda or cpu; refuse a device that is not there, and AMP without CUDA."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,7 +307,7 @@ def resolve_train_args(
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_per_step
 
-    _resolve_device(args)
+    resolve_device_option(args)
     _check_data_source(args)
     if args.cache_dir is None:
         args.cache_dir = default_cache_dir(generalized=args.dataset in GENERALIZED)
@@ -429,7 +429,7 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
         raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _resolve_device(args)
+    resolve_device_option(args)
     if args.output is None:
         args.output = ckpt / "metrics.json"
     if args.output.resolve().parent == ckpt.resolve() and args.output.name in (
