@@ -190,7 +190,7 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ref 0 refers only to crowd annotations"):
         RefDataset(_make_root(tmp_path / "d", refs=crowd_only), "grefcoco", "unc", "train")
     missing = [dict(REFS[0], ann_id=[99])]
-    with pytest.raises(ValueError, match=r"missing annotation ids \[99\]"):
+    with pytest.raises(ValueError, match=r"points to annotation 99, which"):
         RefDataset(_make_root(tmp_path / "e", refs=missing), "grefcoco", "unc", "train")
     root = _make_root(tmp_path / "f")
     (root / "grefcoco" / "grefs(unc).json").write_text("{not json")

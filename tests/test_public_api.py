@@ -8,7 +8,7 @@ CORE_NAMES = {
     "AlignerOutput", "FixedKernelHead", "FusionNeck", "__version__",
 }
 FUNCTIONAL_NAMES = {
-    "dynamic_conv2d", "split_dynamic_params", "fuse_dynamic_kernels", "weighted_mask_sum",
+    "dynamic_conv2d", "split_dynamic_params", "fuse_dynamic_kernels", "weighted_mask_sum", "mixture_of_masks_logits",
     "coord_features", "DynamicConvMethod",
 }
 

@@ -402,15 +402,19 @@ def read_instances(path: Path) -> dict:
     return instances
 
 
-def annotation_problems(ann: dict) -> list[str]:
-    """What is wrong with a COCO annotation a ref uses (missing or malformed 'segmentation')."""
+def annotation_problems(ann: dict, *, drop_invalid_polygons: bool = False) -> list[str]:
+    """What is wrong with a COCO annotation a ref uses (missing or malformed 'segmentation').
+
+    ``drop_invalid_polygons``: polygons of fewer than 3 points are not a problem (gRefCOCO:
+    ReLA's loader drops them, and so does the mask decoding of a generalized set).
+    """
     if "segmentation" not in ann:
         return [f"has no 'segmentation' (keys: {sorted(map(str, ann))})"]
     seg = ann["segmentation"]
     if isinstance(seg, list):
         if not all(isinstance(p, (list, tuple)) for p in seg):
             return ["has a 'segmentation' list that is not a list of polygons"]
-        if any(len(p) < 6 or len(p) % 2 for p in seg):
+        if not drop_invalid_polygons and any(len(p) < 6 or len(p) % 2 for p in seg):
             return ["has a polygon with fewer than 3 points or an odd number of coordinates"]
         return []
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
@@ -616,8 +620,10 @@ class RefDataset(Dataset):
             raise ValueError(
                 f"{len(problems)} problem(s) in split {split!r} of {dataset} ({split_by}):\n  "
                 + "\n  ".join(problems[:5]) + more
-                + f"\n(run 'vlaligner check-data {self.root} --dataset {dataset} --split-by "
-                f"{split_by}' to list every problem of the folder)"
+                + (
+                    "" if self.generalized else f"\n(run 'vlaligner check-data {self.root} --dataset {dataset} "
+                    f"--split-by {split_by}' to list every problem of the folder)"
+                )
             )
         if self.generalized:
             # Crowd annotations are not part of the target (ReLA's loader skips them); a ref
@@ -673,7 +679,8 @@ class RefDataset(Dataset):
                 )
                 continue
             problems += [
-                f"{self.instances_file}: annotation {ann_id} (of {name}) {p}" for p in annotation_problems(ann)
+                f"{self.instances_file}: annotation {ann_id} (of {name}) {p}"
+                for p in annotation_problems(ann, drop_invalid_polygons=self.generalized)
             ]
             if "image_id" in ann and _as_id(ann["image_id"]) not in (None, image_id):
                 problems.append(
