@@ -315,7 +315,7 @@ def logits_to_probability(
         input_size: (S, S) the model's input size; when given, the logits are first
             upsampled to it and then resized to ``size``, the two steps of the evaluation
             (spec section 5: "upsampled to the input size, then mapped back to the original
-            image size"; ``vlaligner.engine.predict_masks`` does the same), so the
+            image size"; ``vlaligner.training.predict_masks`` does the same), so the
             predictor's masks are the ones the metrics were computed on.
 
     Returns:
