@@ -258,6 +258,56 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _write_scene(
+    rng: np.random.Generator,
+    objs: list[_Obj],
+    h: int,
+    w: int,
+    *,
+    image_id: int,
+    first_ann_id: int,
+    image_dir: Path,
+    jpeg_quality: int,
+    cat_id: dict,
+    images: list,
+    annotations: list,
+    attributes: bool,
+) -> list[int]:
+    """Paint one scene from its objects' masks, write the JPEG, append the COCO image entry and
+    one annotation per object (numbered from ``first_ann_id``); returns the annotation ids.
+
+    ``attributes`` adds each object's colour, shape and centre to its annotation (the
+    generalized set checks its sentences against them). The random draws are the same either
+    way, so the classic set's bytes do not depend on this function's callers.
+    """
+    canvas = _background(rng, h, w)
+    for o in objs:
+        fill = np.asarray(COLOURS[o.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
+        canvas[o.mask] = fill + rng.normal(0.0, 3.0, size=(int(o.mask.sum()), 3))
+    pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
+    file_name = f"COCO_train2014_{image_id:012d}.jpg"
+    Image.fromarray(pixels).save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
+    images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+    ids = []
+    for k, o in enumerate(objs):
+        ys, xs = np.nonzero(o.mask)
+        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+        entry = {
+            "id": first_ann_id + k,
+            "image_id": image_id,
+            "category_id": cat_id[o.shape],
+            "segmentation": o.parts,
+            "area": o.area,
+            "bbox": bbox,
+            "iscrowd": 0,
+        }
+        if attributes:
+            entry["attributes"] = {"colour": o.colour, "shape": o.shape, "centre": [round(o.cx, 2), round(o.cy, 2)]}
+        annotations.append(entry)
+        ids.append(first_ann_id + k)
+    return ids
+
+
 def generate_synthetic_refcoco(
     out_dir: Union[str, os.PathLike],
     *,
@@ -340,32 +390,12 @@ def generate_synthetic_refcoco(
             if any(options):
                 break
 
-        canvas = _background(rng, h, w)
-        for o in objs:
-            fill = np.asarray(COLOURS[o.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
-            canvas[o.mask] = fill + rng.normal(0.0, 3.0, size=(int(o.mask.sum()), 3))
-        pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        Image.fromarray(pixels).save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-
-        obj_ann_ids = []
-        for o in objs:
-            ys, xs = np.nonzero(o.mask)
-            bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": cat_id[o.shape],
-                    "segmentation": o.parts,
-                    "area": o.area,
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                }
-            )
-            obj_ann_ids.append(ann_id)
-            ann_id += 1
+        obj_ann_ids = _write_scene(
+            rng, objs, h, w, image_id=image_id, first_ann_id=ann_id, image_dir=image_dir,
+            jpeg_quality=jpeg_quality, cat_id=cat_id, images=images, annotations=annotations,
+            attributes=False,
+        )
+        ann_id += len(obj_ann_ids)
 
         candidates = [i for i in rng.permutation(len(objs)).tolist() if options[i]]
         for i in candidates[:max_refs_per_image]:
@@ -647,33 +677,12 @@ def generate_synthetic_grefcoco(
             o.mask = mask_utils.decode(rle).astype(bool)
             o.area = float(o.mask.sum())
 
-        canvas = _background(rng, h, w)
-        for o in objs:
-            fill = np.asarray(COLOURS[o.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
-            canvas[o.mask] = fill + rng.normal(0.0, 3.0, size=(int(o.mask.sum()), 3))
-        pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        Image.fromarray(pixels).save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-
-        obj_ann_ids = []
-        for o in objs:
-            ys, xs = np.nonzero(o.mask)
-            bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": cat_id[o.shape],
-                    "segmentation": o.parts,
-                    "area": o.area,
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                    "attributes": {"colour": o.colour, "shape": o.shape, "centre": [round(o.cx, 2), round(o.cy, 2)]},
-                }
-            )
-            obj_ann_ids.append(ann_id)
-            ann_id += 1
+        obj_ann_ids = _write_scene(
+            rng, objs, h, w, image_id=image_id, first_ann_id=ann_id, image_dir=image_dir,
+            jpeg_quality=jpeg_quality, cat_id=cat_id, images=images, annotations=annotations,
+            attributes=True,
+        )
+        ann_id += len(obj_ann_ids)
 
         kinds = _generalized_candidates(rng, objs, h, w)
         for kind, targets, texts in _pick_refs(rng, kinds, refs_per_image, fractions):
@@ -687,7 +696,7 @@ def generate_synthetic_grefcoco(
                     "image_id": image_id,
                     "split": splits[index],
                     "sentences": sentences,
-                    "file_name": file_name,
+                    "file_name": images[-1]["file_name"],
                     "category_id": [cat_id[objs[i].shape] for i in members] if members else [-1],
                     "ann_id": [obj_ann_ids[i] for i in members] if members else [-1],
                     "no_target": not members,
