@@ -42,7 +42,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from .metrics import MaskBatch, intersection_union
+from .metrics import MaskBatch, intersection_union, sum_over_processes
 
 __all__ = [
     "GRES_THRESHOLDS",
@@ -228,15 +228,9 @@ class GRESMetricAccumulator:
 
     def all_reduce(self, group: Any = None) -> "GRESMetricAccumulator":
         """Sum the state over all processes (no-op without ``torch.distributed``); call once."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        state = self.state_tensor()
-        if dist.get_backend(group) == "nccl":
-            state = state.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
-        self.load_state_tensor(state)
+        summed = sum_over_processes(self.state_tensor(), group)
+        if summed is not None:
+            self.load_state_tensor(summed)
         return self
 
     def confusion(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ All results are in percent. Every sentence of a ref is one sample. See docs/metr
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -139,6 +139,22 @@ def iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Te
     return torch.where(union > 0, intersection / safe, torch.ones_like(union))
 
 
+def sum_over_processes(state: torch.Tensor, group: Any = None) -> Optional[torch.Tensor]:
+    """A metric accumulator's state summed over all ``torch.distributed`` processes.
+
+    Returns None when no process group is initialised (nothing to sum). With NCCL the state
+    travels as a CUDA tensor (NCCL reduces nothing else); float64 keeps pixel counts exact.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend(group) == "nccl":
+        state = state.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
+    return state
+
+
 class RISMetricAccumulator:
     """Streaming oIoU / mIoU / Precision@X over batches and processes.
 
@@ -239,16 +255,9 @@ class RISMetricAccumulator:
 
         Call it once, on every rank, before :meth:`compute`; calling it twice double counts.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        state = self.state_tensor()
-        if dist.get_backend(group) == "nccl":
-            # NCCL only reduces CUDA tensors; float64 keeps pixel counts exact.
-            state = state.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
-        self.load_state_tensor(state)
+        summed = sum_over_processes(self.state_tensor(), group)
+        if summed is not None:
+            self.load_state_tensor(summed)
         return self
 
     def compute(self) -> dict[str, float]:
