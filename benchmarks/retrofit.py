@@ -4,8 +4,9 @@ Axis legend: b batch, l words, h w logit grid, S input size.
 
 For every host (``vlt``: the PyTorch re-implementation of VLT in ``adapters/vlt``, tiny
 configuration; ``cris``: the CRIS replica of ``tests/hosts/cris_host.py``, widened a little)
-and every head (``fixed``: the host's own final kernel; ``aligner``: the retrofit), the same
-loop trains the model on the synthetic RefCOCO-layout set with the host's own loss (BCE with
+and every head (``fixed``: the host's own final kernel; ``aligner``: the retrofit), the
+project's trainer (``vlaligner.training.Trainer``, the loop of ``examples/train_eavl.py`` and
+``adapters/vlt/train_vlt.py``, with the ``adam-poly`` recipe) trains the model on the synthetic RefCOCO-layout set with the host's own loss (BCE with
 logits; by default plus a soft Dice term, the same for both heads, as short runs on BCE alone
 predict background everywhere: measured, mIoU 0.00 for VLT after 300 steps), the same
 data order, the same number of steps and the same seeds, then evaluates the final model on
@@ -30,16 +31,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -58,32 +57,6 @@ HOST_NAMES = {
 
 
 # ------------------------------------------------------------------------------------ hosts
-@dataclass
-class HostModel:
-    """One host + head, ready to train.
-
-    ``model`` holds every trained parameter; ``loss(batch)`` is the host's own training loss
-    on a collated batch; ``predictor`` is a module with ``forward(images (b 3 S S),
-    input_ids (b l), attention_mask (b l)) -> logits (b 1 h w)`` for ``evaluate_masks``.
-    """
-
-    model: nn.Module
-    loss: Callable[[Mapping[str, Any]], torch.Tensor]
-    predictor: nn.Module
-
-
-class _CRISPredictor(nn.Module):
-    """CRIS's evaluation forward ``model(img, word) -> pred (b 1 S/4 S/4)`` with the trainer's signature."""
-
-    def __init__(self, cris: nn.Module) -> None:
-        super().__init__()
-        self.cris = cris
-
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # CRIS reads padding from the ids (0 = padding, BERT's [PAD] too); attention_mask agrees.
-        return self.cris(images, input_ids * (attention_mask > 0))
-
-
 def load_cris_replica():
     """``tests/hosts/cris_host.py`` as a module (CI's CRIS stand-in; no upstream code)."""
     path = ROOT / "tests" / "hosts" / "cris_host.py"
@@ -93,122 +66,94 @@ def load_cris_replica():
     return module
 
 
-def build_host(host: str, head: str, *, img_size: int, vocab_size: int, max_length: int,
-               num_queries: int, device: torch.device, dice_weight: float = 0.0) -> HostModel:
-    """The host ``vlt`` or ``cris`` with ``head`` ``fixed`` (its own kernel) or ``aligner``.
+def _cris_logits(cris: nn.Module, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # CRIS reads padding from the ids (0 = padding, BERT's [PAD] too); attention_mask agrees.
+    # predict() is CRIS's forward with gradients in both modes (its training forward returns the
+    # prediction detached with its own BCE), so the same loss and Dice apply to both heads.
+    return cris.predict(images, input_ids * (attention_mask > 0))[0]
 
-    The loss is the host's own (binary cross-entropy with logits against the mask resized,
-    nearest, to the logits), plus ``dice_weight`` times a soft Dice loss when asked (the same
-    for both heads; short runs on BCE alone predict background everywhere).
-    """
-    from vlaligner.losses import mask_bce_loss, soft_dice_loss
 
-    def host_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        loss = mask_bce_loss(logits, mask)
-        return loss + dice_weight * soft_dice_loss(logits, mask) if dice_weight else loss
+def build_host(host: str, head: str, *, img_size: int, max_length: int, num_queries: int):
+    """The host ``vlt`` or ``cris`` with ``head`` ``fixed`` (its own kernel) or ``aligner``,
+    as a :class:`adapters.trainable.HostSegmenter` that the project's ``Trainer`` trains."""
+    from adapters.trainable import HostSegmenter
+    from vlaligner.models.tokenizer import load_tiny_tokenizer
 
+    tokenizer = load_tiny_tokenizer()
+    config = dict(host=host, head=head, img_size=img_size, max_length=max_length, num_queries=num_queries,
+                  vocab_size=len(tokenizer))
     if host == "vlt":
         from adapters.vlt import build_vlt_tiny, retrofit_vlt
 
-        vlt = build_vlt_tiny(img_size=img_size, vocab_size=vocab_size, max_length=max_length)
-        model = retrofit_vlt(vlt, head=head, num_queries=num_queries).to(device)
-
-        def vlt_step_loss(batch: Mapping[str, Any]) -> torch.Tensor:
-            logits = model(batch["image"].to(device), batch["input_ids"].to(device),
-                           batch["attention_mask"].to(device))
-            return host_loss(logits, batch["mask"].to(device))  # vlt_loss = mask_bce_loss
-
-        return HostModel(model=model, loss=vlt_step_loss, predictor=model)
-    if host == "cris":
+        vlt = build_vlt_tiny(img_size=img_size, vocab_size=len(tokenizer), max_length=max_length)
+        model = retrofit_vlt(vlt, head=head, num_queries=num_queries)
+        logits = lambda m, images, ids, mask: m(images, ids, mask)  # noqa: E731
+    elif host == "cris":
         from adapters.cris import retrofit_cris
 
         replica = load_cris_replica()
         cfg = replica.tiny_cfg(
-            input_size=img_size, word_len=max_length, vocab_size=vocab_size, word_dim=128, vis_dim=64,
+            input_size=img_size, word_len=max_length, vocab_size=len(tokenizer), word_dim=128, vis_dim=64,
             fpn_in=[32, 64, 128], fpn_out=[32, 64, 128], num_head=4, dim_ffn=128,
         )
         cris, _ = replica.build_segmenter(cfg)
         grid = img_size // 16
-        model = retrofit_cris(
-            cris, head=head, num_queries=num_queries, grid_size=(grid, grid), query_dim=cfg.vis_dim,
-        ).to(device)
-
-        def cris_step_loss(batch: Mapping[str, Any]) -> torch.Tensor:
-            ids = batch["input_ids"].to(device) * (batch["attention_mask"].to(device) > 0)
-            # CRIS's training forward returns its BCE (mask resized, nearest, to the stride-4
-            # prediction) with a detached prediction; predict() gives the same logits with
-            # gradients, so that the optional Dice term can be added the same way for both heads.
-            pred, _, _ = model.predict(batch["image"].to(device), ids)
-            return host_loss(pred, batch["mask"].to(device))
-
-        return HostModel(model=model, loss=cris_step_loss, predictor=_CRISPredictor(model))
-    raise ValueError(f"host must be one of {HOSTS}, got {host!r}")
+        model = retrofit_cris(cris, head=head, num_queries=num_queries, grid_size=(grid, grid), query_dim=cfg.vis_dim)
+        logits = _cris_logits
+    else:
+        raise ValueError(f"host must be one of {HOSTS}, got {host!r}")
+    return HostSegmenter(model, logits=logits, tokenizer=tokenizer, max_length=max_length, img_size=img_size,
+                         name=host, config=config)
 
 
 # ------------------------------------------------------------------------------------ one run
-def run_config(args: argparse.Namespace, host: str, head: str, seed: int, data_root: Path) -> dict:
-    """Train (host, head) with ``seed`` and evaluate the final model on the validation split."""
-    from vlaligner.data import default_cache_dir, ensure_synthetic_set
-    from vlaligner.losses import soft_dice_loss
-    from vlaligner.training.evaluation import evaluate as evaluate_masks
-    from vlaligner.training.rng import seed_everything
-    from vlaligner.training.sampler import ShardedSampler
-    from vlaligner.training.schedule import build_poly_scheduler
-    from vlaligner.data import RefDataset, collate_ref_batch
-    from vlaligner.models.tokenizer import load_tiny_tokenizer, tokenize
-
-    device = torch.device(args.device)
-    tokenizer = load_tiny_tokenizer()
-
-    def tok(sentences, max_length):
-        return tokenize(tokenizer, sentences, max_length)
-
-    common = dict(tokenizer=tok, img_size=args.img_size, max_length=args.max_length)
-    train_set = RefDataset(data_root, "refcoco", "unc", "train", **common)
-    val_set = RefDataset(data_root, "refcoco", "unc", "val", **common)
+def trainer_argv(args: argparse.Namespace, seed: int, output_dir: Path) -> List[str]:
+    """The training command line of one run: the ``adam-poly`` recipe (Adam, poly 0.9 per step,
+    no warm-up) at ``--lr`` plus ``--dice-weight`` Dice, the final model evaluated once."""
+    argv = [
+        "--model", "tiny", "--recipe", "adam-poly", "--lr", str(args.lr), "--dice-weight", str(args.dice_weight),
+        "--cache-dir", str(args.cache_dir), "--synthetic-images", str(args.synthetic_images),
+        "--img-size", str(args.img_size), "--max-length", str(args.max_length),
+        "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--epochs", "1000000",
+        "--eval-every", str(args.steps), "--seed", str(seed), "--device", args.device,
+        "--threads", str(args.threads), "--num-workers", str(args.num_workers),
+        "--output-dir", str(output_dir), "--overwrite", "--no-progress", "--log-every", "100",
+    ]
     if args.val_samples:
-        val_set = torch.utils.data.Subset(val_set, range(min(args.val_samples, len(val_set))))
-    seed_everything(seed)
-    built = build_host(host, head, img_size=args.img_size, vocab_size=len(tokenizer),
-                       max_length=args.max_length, num_queries=args.num_queries, device=device,
-                       dice_weight=args.dice_weight)
-    params = [p for p in built.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr)
-    scheduler = build_poly_scheduler(optimizer, total_steps=args.steps)
-    sampler = ShardedSampler(len(train_set), shuffle=True, seed=seed, global_batch_size=args.batch_size)
-    losses: List[float] = []
-    t0 = time.perf_counter()
-    epoch = 0
-    built.model.train()
-    while len(losses) < args.steps:
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_ref_batch,
-            num_workers=args.num_workers, generator=torch.Generator().manual_seed(seed + epoch),
-        )
-        for batch in loader:
-            loss = built.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"{host}/{head}/seed {seed}: loss {losses[-1]} at step {len(losses)}")
-            if len(losses) >= args.steps:
-                break
-        epoch += 1
-    train_s = time.perf_counter() - t0
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, shuffle=False, collate_fn=collate_ref_batch, num_workers=args.num_workers,
+        argv += ["--val-samples", str(args.val_samples)]
+    return argv
+
+
+def run_config(args: argparse.Namespace, host: str, head: str, seed: int) -> dict:
+    """Train (host, head) with ``seed`` through the project's ``Trainer`` and return the final
+    model's validation metrics (read back from the run's ``metrics.jsonl``)."""
+    from vlaligner.fileio import read_jsonl
+    from vlaligner.training import DistEnv, Trainer
+    from vlaligner.training.options import resolve_train_args
+
+    output_dir = args.output_dir / f"{host}-{head}-seed{seed}"
+    train_args = resolve_train_args(trainer_argv(args, seed, output_dir), DistEnv(), prog="retrofit.py")
+    trainer = Trainer(
+        train_args, DistEnv(),
+        model_factory=lambda a: build_host(host, head, img_size=a.img_size, max_length=a.max_length,
+                                           num_queries=args.num_queries),
     )
-    metrics = evaluate_masks(built.predictor, val_loader, device=device, progress=False)
-    n_params = sum(p.numel() for p in built.model.parameters())
+    t0 = time.perf_counter()
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.close()
+    total_s = time.perf_counter() - t0
+    losses = [row["loss"] for row in read_jsonl(output_dir / "losses.jsonl")]
+    final = read_jsonl(output_dir / "metrics.jsonl")[-1]
+    if final["step"] != args.steps:
+        raise RuntimeError(f"{host}/{head}/seed {seed}: the last evaluation is at step {final['step']}, not {args.steps}")
     tail = losses[-20:]
     return dict(
-        host=host, head=head, seed=seed, metrics=metrics, params=n_params, steps=len(losses),
-        first_loss=losses[0], final_loss=sum(tail) / len(tail), train_s=round(train_s, 1),
-        total_s=round(time.perf_counter() - t0, 1),
+        host=host, head=head, seed=seed, metrics=final["metrics"], params=sum(p.numel() for p in trainer.model.parameters()),
+        steps=len(losses), first_loss=losses[0], final_loss=sum(tail) / len(tail), train_s=round(total_s, 1),
+        total_s=round(total_s, 1), run_dir=str(output_dir),
     )
 
 
@@ -325,6 +270,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "retrofit")
     p.add_argument("--results-name", default="retrofit")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the tables go (default benchmarks/results)")
     p.add_argument("--rerun", action="store_true", help="ignore finished runs in --output-dir")
     args = p.parse_args(argv)
     if args.img_size < 32 or args.img_size % 32:
@@ -348,18 +294,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     torch.set_num_threads(args.threads)
-    from vlaligner.data import default_cache_dir, ensure_synthetic_set
-    from vlaligner.losses import soft_dice_loss
-    from vlaligner.training.evaluation import evaluate as evaluate_masks
-    from vlaligner.training.rng import seed_everything
-    from vlaligner.training.sampler import ShardedSampler
-    from vlaligner.training.schedule import build_poly_scheduler
+    from vlaligner.data import default_cache_dir
 
-    cache = args.cache_dir or default_cache_dir()
-    data_root = ensure_synthetic_set(cache, num_images=args.synthetic_images, seed=0, log=print)
+    args.cache_dir = args.cache_dir or default_cache_dir()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("hosts", "heads", "seeds", "output_dir", "results_name", "rerun", "num_workers")}
+                if k not in ("hosts", "heads", "seeds", "output_dir", "results_name", "results_dir", "rerun", "num_workers")}
+    settings["loop"] = "vlaligner.training.Trainer"  # records of the earlier hand-written loop are not reused
     meta = dict(
         command="python benchmarks/retrofit.py " + " ".join(shlex.quote(a) for a in raw),
         hosts=args.hosts, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -369,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         output_dir=str(args.output_dir), val_samples=None,
     )
     records: List[dict] = []
-    RESULTS.mkdir(exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seeds outermost: a partial sweep has every configuration early
         for host in args.hosts:
             for head in args.heads:
@@ -381,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         record = saved
                 if record is None:
                     print(f"[retrofit] {host} / {head} / seed {seed} ...", flush=True)
-                    record = run_config(args, host, head, seed, data_root)
+                    record = run_config(args, host, head, seed)
                     record["settings"] = settings
                     tmp = path.with_suffix(".json.tmp")
                     tmp.write_text(json.dumps(record, indent=1))
@@ -391,11 +332,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 records.append(record)
                 meta["val_samples"] = record["metrics"].get("num_samples")
                 summary = aggregate(records)
-                (RESULTS / f"{args.results_name}.md").write_text(markdown(summary, meta))
-                (RESULTS / f"{args.results_name}.json").write_text(
+                (args.results_dir / f"{args.results_name}.md").write_text(markdown(summary, meta))
+                (args.results_dir / f"{args.results_name}.json").write_text(
                     json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=1)
                 )
-    print((RESULTS / f"{args.results_name}.md").read_text())
+    print((args.results_dir / f"{args.results_name}.md").read_text())
     return 0
 
 

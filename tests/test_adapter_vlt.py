@@ -184,61 +184,98 @@ def test_train_steps_on_random_batches(vlt, batch):
 
 
 def _train(tmp_path, *extra):
-    synth = tmp_path / "synth"
-    args = ["--data-root", str(synth), "--num-queries", "4", "--img-size", "64", "--max-length", "12",
-            "--batch-size", "2", "--val-samples", "6", "--threads", "1", *extra]
-    if not (synth / "refcoco").is_dir():
-        args += ["--synthetic", "8"]
+    args = ["--cache-dir", str(tmp_path / "synth"), "--synthetic-images", "8", "--num-queries", "4",
+            "--img-size", "64", "--max-length", "12", "--batch-size", "2", "--val-samples", "6", "--threads", "1",
+            "--no-progress", "--save-every-minutes", "0", *extra]
     return train_main(args)
 
 
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "losses.jsonl").read_text().splitlines()]
+
+
 def test_train_script_evaluates_checkpoints_and_resumes_exactly(tmp_path):
-    from vlaligner.training.checkpoint import load_checkpoint
+    from vlaligner.training.checkpoint import load_checkpoint, load_model_weights
 
     out = tmp_path / "run"
-    full = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "full"),
-                  "--json", str(tmp_path / "full.json"))
-    assert full["step"] == 4 and len(full["losses"]) == 4 and full["head"] == "aligner"
-    assert all(torch.isfinite(torch.tensor(full["losses"])))
+    assert _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "full")) == 0
+    full = _losses(out / "full")
+    assert len(full) == 4 and all(torch.isfinite(torch.tensor(full)))
     metrics = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4]
     assert {"oIoU", "mIoU", "Pr@0.5"} <= set(metrics[-1]["metrics"]) and 1 <= metrics[-1]["metrics"]["num_samples"] <= 6
-    assert json.loads((tmp_path / "full.json").read_text())["losses"] == full["losses"]
+    run_config = json.loads((out / "full" / "run_config.json").read_text())
+    assert run_config["recipe"] == "adam-poly" and run_config["lr"] == 1e-3 and run_config["optimizer"] == "adam"
     for name in ("best", "last"):
         folder = out / "full" / name
         assert (folder / "model.safetensors").is_file() and (folder / "training_state.json").is_file()
-        config = json.loads((folder / "vlt_config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        assert config["format"] == "vlaligner-host" and config["host"] == "vlt"
         assert config["config"]["head"] == "aligner" and config["config"]["num_queries"] == 4
-        assert len(config["model.safetensors sha256"]) == 64
+        assert config["config"]["max_length"] == 12 and len(config["weights_sha256"]) == 64
         assert not list(folder.glob("*.pt*")) and not list(folder.glob("*.bin"))  # no pickles
     assert load_checkpoint(out / "full" / "last")["step"] == 4
-    # Interrupted after step 2, then resumed: the same losses and weights as the run without a stop.
-    part = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"),
-                  "--stop-after-steps", "3")
-    assert part["step"] == 3
-    resumed = _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"), "--resume")
-    assert resumed["step"] == 4 and resumed["losses"] == full["losses"]
+    # Killed after step 3 (last/ saved at step 3), then resumed: the same losses and weights as
+    # the run without a stop.
+    assert _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"),
+                  "--save-every", "3", "--stop-after-steps", "3") == 3
+    assert load_checkpoint(out / "part" / "last")["step"] == 3
+    assert _train(tmp_path, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(out / "part"), "--resume") == 0
+    assert _losses(out / "part") == full
     from safetensors.torch import load_file
 
     a = load_file(str(out / "full" / "last" / "model.safetensors"))
     b = load_file(str(out / "part" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("aligner.") for k in a) and "final_conv.weight" not in a
+    # The weights load back into a freshly built model (hash checked), and refuse to after an edit.
+    from adapters.vlt.train_vlt import VLTConfig, build_vlt_segmenter
+    from vlaligner.models.tokenizer import load_tiny_tokenizer
+
+    config = VLTConfig(**json.loads((out / "full" / "best" / "config.json").read_text())["config"])
+    assert config.vocab_size == len(load_tiny_tokenizer())
+    fresh = build_vlt_segmenter(config)
+    load_model_weights(fresh, out / "full" / "last")
+    assert all(torch.equal(fresh.host.state_dict()[k], a[k]) for k in a)
+    weights = out / "full" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        load_model_weights(fresh, out / "full" / "last")
 
 
-def test_train_script_refuses_bad_commands(tmp_path):
+def test_train_script_refuses_bad_commands(tmp_path, capsys):
     out = tmp_path / "run"
-    _train(tmp_path, "--max-steps", "1", "--output-dir", str(out), "--head", "fixed")
+    assert _train(tmp_path, "--max-steps", "1", "--output-dir", str(out), "--head", "fixed") == 0
     from safetensors.torch import load_file
 
     assert "final_conv.weight" in load_file(str(out / "last" / "model.safetensors"))
-    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+    with pytest.raises(SystemExit):
         _train(tmp_path, "--max-steps", "1", "--output-dir", str(out))
-    with pytest.raises(SystemExit, match="differs from this command's"):  # another head than the checkpoint's
-        _train(tmp_path, "--max-steps", "2", "--output-dir", str(out), "--resume")
-    with pytest.raises(SystemExit, match="--img-size must be a positive multiple of 32"):
-        train_main(["--img-size", "48"])
-    with pytest.raises(SystemExit, match="the synthetic set has refcoco"):
-        train_main(["--dataset", "refcocog"])
-    with pytest.raises(SystemExit, match="refs\\(umd\\).p"):
-        train_main(["--dataset", "refcocog", "--data-root", str(tmp_path / "synth")])
+    assert "--resume" in capsys.readouterr().err  # the folder holds a run: continue or --overwrite
+    # another head than the checkpoint's: one line naming the keys, exit status 2
+    assert _train(tmp_path, "--max-steps", "2", "--output-dir", str(out), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "do not fit this vlt model" in err and "aligner." in err and "Traceback" not in err
+    for argv, message in (
+        (["--img-size", "48"], "--img-size must be a positive multiple of 32"),
+        (["--dataset", "refcocog"], "exists as refcoco (unc) and grefcoco"),
+        (["--dataset", "refcocog", "--data-root", str(tmp_path / "nothing")], "--data-root"),
+        (["--dataset", "grefcoco"], "VLT has no no-target head"),
+        (["--pretrained"], "the tiny VLT has no pretrained weights"),
+        (["--recipe", "scratch-small"], "VLT keeps its own initial bias"),
+        (["--recipe", "adam-poly", "--mask-bias-init", "-2"], "VLT keeps its own initial bias"),
+        (["--demo"], "--demo is the embedded demo"),
+        (["--no-global-text"], "VLT has no F_s"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            train_main(argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_default_output_dir_is_not_eavls():
+    from adapters.vlt.train_vlt import resolve_args
+
+    args = resolve_args(["--head", "fixed", "--max-steps", "1"])
+    assert str(args.output_dir) == "runs/vlt-tiny-fixed-refcoco"
+    assert args.num_queries == 24 and args.recipe == "adam-poly" and args.max_length == 17

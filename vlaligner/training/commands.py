@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -20,23 +20,34 @@ from ..fileio import atomic_write_text
 from ..gres_eval import gres_evaluate
 from .distributed import DistEnv, init_distributed
 from .evaluation import GRES_KEYS, evaluate, format_metrics_table
-from .options import GENERALIZED, UsageError, build_eval_parser, build_train_parser, resolve_eval_args, resolve_train_args
+from .options import GENERALIZED, OneLineParser, UsageError, build_eval_parser, resolve_eval_args, resolve_train_args
 from .sampler import ShardedSampler
 from .trainer import LOG, Interrupted, Trainer
 
 __all__ = ["train_main", "evaluate_main", "run_evaluation"]
 
 
-def train_main(argv: Optional[Sequence[str]] = None, *, prog: str = "train_eavl.py") -> int:
-    """Train EAVL as the command line says (``--help`` lists the options)."""
+def train_main(
+    argv: Optional[Sequence[str]] = None,
+    *,
+    prog: str = "train_eavl.py",
+    resolve: Optional[Callable[..., argparse.Namespace]] = None,
+    model_factory: Optional[Callable[[argparse.Namespace], torch.nn.Module]] = None,
+) -> int:
+    """Train EAVL (or, with ``resolve`` and ``model_factory``, another model) as the command line says.
+
+    Args:
+        resolve: ``resolve(argv, env, prog=prog) -> args``; default :func:`resolve_train_args`.
+        model_factory: builds the model from the arguments (default: the EAVL builder of
+            ``--model``); see :class:`~vlaligner.training.trainer.Trainer`.
+    """
     t0 = time.perf_counter()
     env = DistEnv.from_environ()
-    parser = build_train_parser(prog)
     try:
-        args = resolve_train_args(argv, env, prog=prog)
+        args = (resolve or resolve_train_args)(argv, env, prog=prog)
     except UsageError as err:
-        parser.error(str(err))  # exits with status 2 and the usage line
-    trainer = Trainer(args, env)
+        OneLineParser(prog=prog).error(str(err))  # exits with status 2 and one line
+    trainer = Trainer(args, env, model_factory=model_factory)
     try:
         trainer.setup()
         trainer.train()

@@ -14,7 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -144,6 +144,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val", help="split evaluated during training (best checkpoint)")
     g.add_argument("--img-size", type=int, default=None, help="input side S (default: the model's, 480 for Swin-B)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sentence with [CLS] and [SEP] (default: the data set's, 17 RefCOCO/+, 22 G-Ref)")
     g.add_argument("--augment", action="store_true", help="random flip that swaps left/right in the sentence")
     g.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="use only the first N training samples (quick runs)")
@@ -208,23 +210,44 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
 
 
 def resolve_train_args(
-    argv: Optional[Sequence[str]] = None, env: Optional[DistEnv] = None, prog: str = "train_eavl.py"
+    argv: Optional[Sequence[str]] = None,
+    env: Optional[DistEnv] = None,
+    prog: str = "train_eavl.py",
+    *,
+    parser: Optional[argparse.ArgumentParser] = None,
+    defaults: Optional[Mapping[str, Any]] = None,
+    check: Optional[Callable[[argparse.Namespace], None]] = None,
 ) -> argparse.Namespace:
     """Parse and check the command line; cheap (no model, no data), so mistakes fail fast.
+
+    Args:
+        parser: the parser (default :func:`build_train_parser`); another model's script adds
+            its own options to it (``adapters/vlt/train_vlt.py``).
+        defaults: the preset for options left unset, on top of :data:`PAPER_DEFAULTS`, for
+            another model's script; with it ``--demo`` (EAVL's demo) is refused.
+        check: called with the parsed arguments once the preset is applied, before the shared
+            checks (another model's own checks; raise :class:`UsageError`).
 
     Raises:
         UsageError: with a message that names the option and the value received.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_train_parser(prog).parse_args(argv)
+    args = (parser or build_train_parser(prog)).parse_args(argv)
     args.command = " ".join(shlex.quote(a) for a in [prog, *argv])
-    if not argv:
-        args.demo = True
+    if defaults is None:
+        if not argv:
+            args.demo = True
+        preset: Mapping[str, Any] = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
+    elif args.demo:
+        raise UsageError(f"--demo is the embedded demo of examples/train_eavl.py; {prog} has its own defaults")
+    else:
+        preset = {**PAPER_DEFAULTS, **defaults}
     env = env or DistEnv.from_environ()
-    preset = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if check is not None:
+        check(args)
 
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -239,7 +262,7 @@ def resolve_train_args(
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "grad_accum", "batch_per_step", "eval_batch_size", "threads", "stop_after_steps",
-                 "train_samples", "val_samples"):
+                 "train_samples", "val_samples", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

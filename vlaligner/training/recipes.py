@@ -13,6 +13,9 @@ from random weights needs another recipe entirely (measured: docs/training.md, "
 - ``demo``: ``scratch-small`` plus a soft Dice term (weight 1), for the ten-minute CPU demo:
   Dice pulls the foreground in from the first hundred steps, where BCE alone first learns
   "background everywhere".
+- ``adam-poly``: Adam at lr 1e-3 with polynomial decay, no warm-up, clipping or weight decay,
+  BCE only: the hosts' own optimisation (VLT's learning rate), the default of
+  ``adapters/vlt/train_vlt.py`` and the recipe of ``benchmarks/retrofit.py``.
 
 ``resolve_recipe`` picks the default for a model (``paper-finetune`` for Swin-B,
 ``scratch-small`` for the tiny model), or the one named by ``--recipe``, and applies the
@@ -95,6 +98,7 @@ RECIPES: Dict[str, Recipe] = {
         name="demo", optimizer="adamw", lr=5e-4, weight_decay=0.01, warmup_steps=200,
         clip_grad=1.0, dice_weight=1.0, mask_bias_init=-2.2,
     ),
+    "adam-poly": Recipe(name="adam-poly", optimizer="adam", lr=1e-3),
 }
 
 #: The recipe a model gets when ``--recipe`` is not given.

@@ -84,7 +84,7 @@ def make_datasets(args: argparse.Namespace, model, data_root: Path):
     """Training and validation RefDatasets tokenized by ``model.tokenize`` (optionally cut short)."""
     from ..data import RefDataset
 
-    common = dict(tokenizer=model.tokenize, img_size=args.img_size)
+    common = dict(tokenizer=model.tokenize, img_size=args.img_size, max_length=getattr(args, "max_length", None))
     train = RefDataset(data_root, args.dataset, args.split_by, args.train_split, augment=args.augment, **common)
     val = RefDataset(data_root, args.dataset, args.split_by, args.val_split, **common)
     if args.train_samples is not None and args.train_samples < len(train):
@@ -283,7 +283,10 @@ class Trainer:
     def _resume(self) -> None:
         args, env = self.args, self.env
         state = load_checkpoint(self.out / "last")
-        load_model_weights(self.model, state["path"])
+        try:
+            load_model_weights(self.model, state["path"])
+        except ValueError as err:  # weights of another model: a usage mistake, not a crash
+            raise UsageError(f"--resume: {err}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         saved_total = self.scheduler.lr_lambdas[0].total_steps
