@@ -317,7 +317,51 @@ def test_check_data_command_knows_every_dataset():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     dataset = next(a for a in sub.choices["check-data"]._actions if a.dest == "dataset")
-    # every classic data set; gRefCOCO's list-valued refs are checked by RefDataset itself
-    from vlaligner.data import GENERALIZED_DATASETS
+    assert sorted(dataset.choices) == sorted(DATASET_SPLITS)  # the classic sets and gRefCOCO
 
-    assert sorted(dataset.choices) == sorted(set(DATASET_SPLITS) - set(GENERALIZED_DATASETS))
+
+# ------------------------------------------------------------------ check_data on gRefCOCO
+@pytest.fixture()
+def groot(tmp_path):
+    from vlaligner.data import generate_synthetic_grefcoco
+
+    return generate_synthetic_grefcoco(tmp_path / "g", num_images=6, seed=0)
+
+
+def _grefs(groot):
+    return json.loads((groot / "grefcoco" / "grefs(unc).json").read_text())
+
+
+def test_check_data_grefcoco_counts_match_refdataset(groot):
+    report = check_data(groot, "grefcoco")
+    assert report.ok, report.format()
+    refs = _grefs(groot)
+    for split in report.counts:
+        ds = RefDataset(groot, "grefcoco", "unc", split)
+        assert report.counts[split]["sentences"] == len(ds) and report.counts[split]["refs"] == len(ds.refs)
+        assert report.counts[split]["no-target"] == sum(1 for r in refs if r["split"] == split and r["ann_id"] == [-1])
+    assert sum(c["no-target"] for c in report.counts.values()) > 0
+    # every target annotation of every ref is decoded (no-target refs have none)
+    assert report.checked_masks == sum(len(r["ann_id"]) for r in refs if r["ann_id"] != [-1])
+    assert "no-target" in report.format() and "OK: no problems found" in report.format()
+
+
+def test_check_data_grefcoco_lists_bad_ann_id_lists(groot):
+    refs = _grefs(groot)
+    multi = next(r for r in refs if len(r["ann_id"]) > 1)
+    multi["ann_id"] = [multi["ann_id"][0], 987654]   # one target that instances.json lacks
+    refs[0]["ann_id"] = [-1, refs[0]["ann_id"][0]] if refs[0]["ann_id"] != [-1] else [-1, 5]  # -1 beside ids
+    (groot / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    report = check_data(groot, "grefcoco")
+    kinds = sorted(p.kind for p in report.problems)
+    assert kinds == ["malformed ref", "missing annotation"], report.format()
+    text = report.format()
+    assert "987654" in text and "mixes -1 (no target)" in text
+
+
+def test_check_data_command_grefcoco(groot, capsys):
+    from vlaligner.cli import main as cli_main
+
+    assert cli_main(["check-data", str(groot), "--dataset", "grefcoco"]) == 0
+    out = capsys.readouterr().out
+    assert "check-data: grefcoco (unc)" in out and "no-target" in out and "OK: no problems found" in out

@@ -245,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument("root", metavar="ROOT", help="the data root (holding refcoco/ ... and images/)")
-    check.add_argument("--dataset", required=True, choices=["refcoco", "refcoco+", "refcocog"],
-                       help="which data set to check")
+    check.add_argument("--dataset", required=True, choices=["refcoco", "refcoco+", "refcocog", "grefcoco"],
+                       help="which data set to check (grefcoco: the gRefCOCO layout, see docs/data.md)")
     check.add_argument("--split-by", default=None,
-                       help="unc (refcoco, refcoco+), umd or google (refcocog); default unc / umd")
+                       help="unc (refcoco, refcoco+, grefcoco), umd or google (refcocog); default unc / umd")
     check.add_argument("--no-decode", action="store_true",
                        help="only check that the files exist and are well formed; do not decode "
                             "the images and masks (much faster)")

@@ -16,6 +16,11 @@ problem in one pass, not one per crash:
 - every ref's mask decodes to the image size (with ``decode=True``); an empty mask is a
   warning, not a problem.
 
+gRefCOCO (``dataset="grefcoco"``) is checked the same way in its own layout
+(``grefcoco/grefs(<split_by>).p`` or ``.json``, ``grefcoco/instances.json``, ``images/train2014/``
+or the RefCOCO image folder): each ref's ``ann_id`` is a list of annotations, all checked,
+``[-1]`` meaning no target (counted in the ``no-target`` column).
+
 Nothing is written; no file is changed.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .refer import (
     DATASET_SPLITS,
     GENERALIZED_DATASETS,
     IMAGE_SUBDIR,
+    _GREF_IMAGE_SUBDIRS,
     _as_id,
     _unpickle_refs,
     annotation_problems,
@@ -37,14 +43,16 @@ from .refer import (
     read_instances,
     ref_problems,
     sentence_text,
+    target_ann_ids,
 )
 
 __all__ = ["DataProblem", "DataCheckReport", "check_data"]
 
 PathLike = Union[str, "Path"]
 
-#: Columns of the per-split table.
+#: Columns of the per-split table (gRefCOCO adds ``no-target``: refs that name no object).
 COUNT_COLUMNS = ("refs", "sentences", "images", "problems")
+GENERALIZED_COLUMNS = COUNT_COLUMNS + ("no-target",)
 
 
 @dataclass
@@ -98,22 +106,23 @@ class DataCheckReport:
 
     def format(self, max_listed: int = 20) -> str:
         """The summary table, then the problems (first ``max_listed`` per kind) and warnings."""
+        columns = GENERALIZED_COLUMNS if self.dataset in GENERALIZED_DATASETS else COUNT_COLUMNS
         lines = [f"check-data: {self.dataset} ({self.split_by}) in {self.root}"]
-        header = f"{'split':<8}" + "".join(f"{c:>11}" for c in COUNT_COLUMNS)
+        header = f"{'split':<8}" + "".join(f"{c:>11}" for c in columns)
         lines += [header, "-" * len(header)]
         totals = Counter()
         for split, counts in self.counts.items():
-            lines.append(f"{split:<8}" + "".join(f"{counts.get(c, 0):>11}" for c in COUNT_COLUMNS))
-            totals.update({c: counts.get(c, 0) for c in COUNT_COLUMNS if c != "images"})
+            lines.append(f"{split:<8}" + "".join(f"{counts.get(c, 0):>11}" for c in columns))
+            totals.update({c: counts.get(c, 0) for c in columns if c != "images"})
         folder_wide = sum(1 for p in self.problems if p.split is None)
         totals["problems"] += folder_wide
         if folder_wide:
             lines.append(f"{'(folder)':<8}" + "".join(
-                f"{folder_wide if c == 'problems' else 0:>11}" for c in COUNT_COLUMNS
+                f"{folder_wide if c == 'problems' else 0:>11}" for c in columns
             ))
         lines.append("-" * len(header))
         totals["images"] = self.total_images
-        lines.append(f"{'total':<8}" + "".join(f"{totals[c]:>11}" for c in COUNT_COLUMNS))
+        lines.append(f"{'total':<8}" + "".join(f"{totals[c]:>11}" for c in columns))
         lines.append(
             f"decoded {self.checked_images} image file(s) and {self.checked_masks} mask(s)"
         )
@@ -148,7 +157,7 @@ def check_data(
 
     Args:
         root: the data root (holding ``<dataset>/`` and ``images/mscoco/images/train2014/``).
-        dataset: "refcoco", "refcoco+" or "refcocog".
+        dataset: "refcoco", "refcoco+", "refcocog" or "grefcoco".
         split_by: "unc", "umd" or "google"; default the first of the data set (unc / umd).
         decode: also decode every referenced image file and every ref's mask (slower; off
             checks presence and structure only).
@@ -159,11 +168,6 @@ def check_data(
     """
     if dataset not in DATASET_SPLITS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASET_SPLITS)}")
-    if dataset in GENERALIZED_DATASETS:
-        raise ValueError(
-            f"check_data covers the RefCOCO-style sets; for {dataset} build RefDataset(root, {dataset!r}, "
-            f"{split_by!r}, split) for each split, which checks every ref it serves"
-        )
     if split_by is None:
         split_by = next(iter(DATASET_SPLITS[dataset]))
     if split_by not in DATASET_SPLITS[dataset]:
@@ -173,17 +177,24 @@ def check_data(
     root = Path(root)
     report = DataCheckReport(root=root, dataset=dataset, split_by=split_by)
     splits = DATASET_SPLITS[dataset][split_by]
+    generalized = dataset in GENERALIZED_DATASETS
     for split in splits:
-        report.counts[split] = {c: 0 for c in COUNT_COLUMNS}
+        report.counts[split] = {c: 0 for c in (GENERALIZED_COLUMNS if generalized else COUNT_COLUMNS)}
 
     def problem(kind: str, path: Any, detail: str, split: Optional[str] = None) -> None:
         report.problems.append(DataProblem(kind, str(path), detail, split))
         if split in report.counts:
             report.counts[split]["problems"] += 1
 
-    refs_file = root / dataset / f"refs({split_by}).p"
+    if generalized:  # ReLA's grefer.py reads the pickle when there is one, else the JSON
+        refs_file = root / dataset / f"grefs({split_by}).p"
+        if not refs_file.is_file():
+            refs_file = refs_file.with_suffix(".json")
+        image_dir = next((root / d for d in _GREF_IMAGE_SUBDIRS if (root / d).is_dir()), root / _GREF_IMAGE_SUBDIRS[0])
+    else:
+        refs_file = root / dataset / f"refs({split_by}).p"
+        image_dir = root / IMAGE_SUBDIR
     instances_file = root / dataset / "instances.json"
-    image_dir = root / IMAGE_SUBDIR
     if not root.is_dir():
         problem("missing folder", root, "the data root does not exist or is not a folder")
         return report
@@ -191,12 +202,18 @@ def check_data(
         if not path.is_file():
             problem("missing file", path, f"the {what} of {dataset} ({split_by}) is missing")
     if not image_dir.is_dir():
-        problem("missing folder", image_dir, "the COCO train2014 image folder is missing")
+        where = " (nor images/mscoco/images/train2014)" if generalized else ""
+        problem("missing folder", image_dir, f"the COCO train2014 image folder is missing{where}")
     if not refs_file.is_file():
         return report
 
     try:
-        refs = _unpickle_refs(refs_file)
+        if refs_file.suffix == ".json":
+            import json
+
+            refs = json.loads(refs_file.read_text(encoding="utf-8"))
+        else:
+            refs = _unpickle_refs(refs_file)
     except (ValueError, OSError) as err:
         problem("unreadable file", refs_file, str(err))
         return report
@@ -225,7 +242,19 @@ def check_data(
             for text in structural:
                 problem("malformed ref", refs_file, text, split)
             continue
-        ref_id, ann_id, image_id = (int(_as_id(ref[k])) for k in ("ref_id", "ann_id", "image_id"))
+        ref_id, image_id = (int(_as_id(ref[k])) for k in ("ref_id", "image_id"))
+        if generalized:
+            try:
+                ann_ids = target_ann_ids(ref["ann_id"], where=f"ref {ref_id}")
+            except ValueError as err:
+                problem("malformed ref", refs_file, str(err), split)
+                continue
+        elif isinstance(ref["ann_id"], (list, tuple)):
+            problem("malformed ref", refs_file, f"ref {ref_id} has a list ann_id {ref['ann_id']!r}: a list "
+                    f"(several objects or none) is gRefCOCO's format; {dataset} refs name one annotation", split)
+            continue
+        else:
+            ann_ids = [int(_as_id(ref["ann_id"]))]
         if split is None:
             problem("unknown split", refs_file, f"ref {ref_id} has split {ref['split']!r}, expected one of {list(splits)}")
             continue
@@ -234,6 +263,8 @@ def check_data(
             problem("duplicate ref id", refs_file, f"ref {ref_id} appears more than once", split)
         seen_refs.add(ref_id)
         counts["refs"] += 1
+        if generalized and not ann_ids:
+            counts["no-target"] += 1
         for sent in ref["sentences"]:
             if sentence_text(sent):
                 counts["sentences"] += 1
@@ -244,15 +275,16 @@ def check_data(
         if instances is None:
             continue
         ok = True
-        ann = anns.get(ann_id)
-        if ann is None:
-            problem("missing annotation", refs_file,
-                    f"ref {ref_id} points to annotation {ann_id}, which {instances_file.name} does not have", split)
-            ok = False
-        else:
-            for text in annotation_problems(ann):
-                problem("malformed annotation", instances_file, f"annotation {ann_id} (of ref {ref_id}) {text}", split)
+        for ann_id in ann_ids:
+            ann = anns.get(ann_id)
+            if ann is None:
+                problem("missing annotation", refs_file,
+                        f"ref {ref_id} points to annotation {ann_id}, which {instances_file.name} does not have", split)
                 ok = False
+            else:
+                for text in annotation_problems(ann):
+                    problem("malformed annotation", instances_file, f"annotation {ann_id} (of ref {ref_id}) {text}", split)
+                    ok = False
         info = images.get(image_id)
         if info is None:
             problem("missing image entry", refs_file,
@@ -265,7 +297,7 @@ def check_data(
             used_images.setdefault(image_id, []).append((ref_id, split))
             split_images.setdefault(split, set()).add(image_id)
         if ok:
-            good_refs.append(ref)
+            good_refs.append((ref, ann_ids))
     for split in splits:
         report.counts[split]["images"] = len(split_images.get(split, ()))
         if report.counts[split]["refs"] == 0:
@@ -309,21 +341,25 @@ def check_data(
 
     # ---------------------------------------------------------------- masks
     if decode:
-        for ref in good_refs:
-            ref_id, ann_id, image_id = (int(_as_id(ref[k])) for k in ("ref_id", "ann_id", "image_id"))
+        for ref, ann_ids in good_refs:
+            ref_id, image_id = (int(_as_id(ref[k])) for k in ("ref_id", "image_id"))
             info = images[image_id]
-            try:
-                mask = decode_segmentation(anns[ann_id]["segmentation"], int(info["height"]), int(info["width"]))
-            except ImportError:
-                raise
-            except Exception as err:  # noqa: BLE001 - pycocotools raises many types
-                problem("undecodable mask", instances_file,
-                        f"annotation {ann_id} (of ref {ref_id}): {type(err).__name__}: {err}", ref["split"])
-                continue
-            report.checked_masks += 1
-            if not mask.any():
+            covered = False
+            for ann_id in ann_ids:
+                try:
+                    mask = decode_segmentation(anns[ann_id]["segmentation"], int(info["height"]), int(info["width"]))
+                except ImportError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - pycocotools raises many types
+                    problem("undecodable mask", instances_file,
+                            f"annotation {ann_id} (of ref {ref_id}): {type(err).__name__}: {err}", ref["split"])
+                    covered = True  # reported as a problem already
+                    continue
+                report.checked_masks += 1
+                covered = covered or bool(mask.any())
+            if ann_ids and not covered:
                 report.warnings.append(DataProblem(
-                    "empty mask", str(instances_file), f"annotation {ann_id} (of ref {ref_id}) covers no pixel",
-                    ref["split"],
+                    "empty mask", str(instances_file),
+                    f"annotation(s) {ann_ids} (of ref {ref_id}) cover no pixel", ref["split"],
                 ))
     return report
