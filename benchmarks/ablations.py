@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.machine_info import describe_machine  # noqa: E402
+
 TRAIN_SCRIPT = ROOT / "examples" / "train_eavl.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "oIoU")
@@ -253,7 +256,7 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
         f"same seed, same steps. Metrics (percent) of the final model on `{meta['val_split']}`"
         + (f" ({int(samples)} sentences)" if samples else "") + "; ± is the std over seeds.  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}; load average at start {meta['loadavg']}.", "",
-        f"## Table II: number of queries n (aligner with estimator, F_g and F_s)", "",
+        "## Table II: number of queries n (aligner with estimator, F_g and F_s)", "",
         "| n " + head, "|---" + sep,
     ]
     # Rows: the configurations of this invocation, plus the reference run every table compares with.
@@ -337,15 +340,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores visible"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     configs = all_configs(args.queries, args.reference_queries)
@@ -363,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "data": f"{args.dataset} from {args.data_root}" if args.data_root is not None else "synthetic",
         "machine": (torch.cuda.get_device_name(0) if (args.device or "").startswith("cuda")
                     or (args.device is None and args.preset == "paper" and torch.cuda.is_available())
-                    else machine()),
+                    else describe_machine()),
         "torch": torch.__version__,
         "loadavg": "%.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a",
     }

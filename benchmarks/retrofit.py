@@ -32,7 +32,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -46,6 +45,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.machine_info import describe_machine  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9")
 HOSTS = ("vlt", "cris")
@@ -281,15 +281,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores visible"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
@@ -305,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         command="python benchmarks/retrofit.py " + " ".join(shlex.quote(a) for a in raw),
         hosts=args.hosts, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         img_size=args.img_size, num_queries=args.num_queries, dice_weight=args.dice_weight, synthetic_images=args.synthetic_images,
-        threads=args.threads, device=args.device, machine=_machine(), torch=torch.__version__,
+        threads=args.threads, device=args.device, machine=describe_machine(), torch=torch.__version__,
         loadavg="%.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a",
         output_dir=str(args.output_dir), val_samples=None,
     )
