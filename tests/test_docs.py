@@ -142,3 +142,35 @@ def test_custom_model_guide_code_runs():
     assert "torch.Size([2, 8, 64]) torch.Size([2, 8, 12])" in out
     assert "torch.Size([2, 1, 32, 32]) torch.Size([2, 8])" in out
     assert "features must have shape (b c h w)" in out
+
+
+def test_generalized_figure_script_draws_each_kind_of_sentence(tmp_path):
+    """docs/make_generalized_figure.py on a small gRefCOCO folder and an untrained no-target model."""
+    import importlib.util
+
+    import torch
+
+    from vlaligner.data import generate_synthetic_grefcoco
+    from vlaligner.models import build_eavl_tiny
+
+    spec = importlib.util.spec_from_file_location("make_generalized_figure", DOCS / "make_generalized_figure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = generate_synthetic_grefcoco(tmp_path / "g", num_images=12, seed=0, image_size=64)
+    torch.manual_seed(0)
+    build_eavl_tiny(img_size=64, dim=32, mask_channels=8, up_channels=(16, 8), decoder_layers=1, decoder_heads=2,
+                    ffn_dim=32, no_target=True).save_pretrained(tmp_path / "ckpt")
+    from vlaligner.data import RefDataset
+
+    dataset = RefDataset(root, "grefcoco", "unc", "train")
+    picked = module.pick_samples(dataset)
+    kinds = [len(dataset._ref_anns[dataset.samples[i][0]]) for i in picked]
+    assert kinds == sorted(kinds, key=lambda n: (n == 0, n > 1)) and 0 in kinds and any(n > 1 for n in kinds)
+    out = tmp_path / "figure.png"
+    assert module.main(["--checkpoint", str(tmp_path / "ckpt"), "--data-root", str(root), "--split", "train",
+                        "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):  # a model without a no-target head is refused
+        build_eavl_tiny(img_size=64, dim=32, mask_channels=8, up_channels=(16, 8), decoder_layers=1,
+                        decoder_heads=2, ffn_dim=32).save_pretrained(tmp_path / "plain")
+        module.main(["--checkpoint", str(tmp_path / "plain"), "--data-root", str(root), "--out", str(out)])
