@@ -279,3 +279,30 @@ def test_default_output_dir_is_not_eavls():
     args = resolve_args(["--head", "fixed", "--max-steps", "1"])
     assert str(args.output_dir) == "runs/vlt-tiny-fixed-refcoco"
     assert args.num_queries == 24 and args.recipe == "adam-poly" and args.max_length == 17
+
+
+def test_train_script_under_torchrun_two_processes(tmp_path):
+    """The VLT host through the Trainer's DDP path (Gloo, 2 CPU processes): same weights on both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlaligner.training.checkpoint import load_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(repo / "adapters" / "vlt" / "train_vlt.py"),
+        "--cache-dir", str(tmp_path / "synth"), "--synthetic-images", "8", "--num-queries", "4", "--img-size", "64",
+        "--batch-size", "4", "--max-steps", "2", "--val-samples", "6", "--threads", "1", "--no-progress",
+        "--debug-param-digest", "--output-dir", str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "param_digest.rank0.txt").read_text() == (out / "param_digest.rank1.txt").read_text()
+    state = load_checkpoint(out / "last")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 2
+    assert "2 process(es) x 1 accumulation x 2 per step" in (out / "train.log").read_text()
