@@ -22,3 +22,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A seeded ``build_eavl_tiny(img_size=64, num_queries=4)`` in eval mode, one per test module
+    (test files that need another size define their own ``tiny``)."""
+    from vlaligner.models import build_eavl_tiny
+
+    torch.manual_seed(0)
+    return build_eavl_tiny(img_size=64, num_queries=4).eval()

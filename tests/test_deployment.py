@@ -24,12 +24,7 @@ from vlaligner.predictor import Predictor
 IMG = 64
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from vlaligner.models import build_eavl_tiny
-
-    torch.manual_seed(0)
-    return build_eavl_tiny(img_size=IMG, num_queries=4).eval()
+# ``tiny`` (build_eavl_tiny at 64 px, 4 queries, eval mode, one per module) is in conftest.py.
 
 
 @pytest.fixture(scope="module")
