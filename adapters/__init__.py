@@ -49,6 +49,7 @@ __all__ = [
     "dependency_message",
     "output_suffix",
     "check_dependencies_or_exit",
+    "check_host_or_exit",
 ]
 
 #: The two heads every retrofit offers: the aligner, or the host's own fixed kernel.
@@ -317,3 +318,18 @@ def check_dependencies_or_exit(host: str, script: str, modules: Dict[str, str]) 
     if missing:
         print(dependency_message(host, script, missing), file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+def check_host_or_exit(
+    prog: str, host: str, host_root: Path, script: str, layout: Sequence[str], modules: Dict[str, str],
+    *, check_dependencies: bool = True,
+) -> None:
+    """Before anything else: ``host_root`` holds ``script`` and ``layout`` (else exit with one line
+    naming what is missing), then the host's own imports ``modules`` (see
+    :func:`check_dependencies_or_exit`) unless ``check_dependencies`` is False."""
+    try:
+        _check_host_root(Path(host_root), [script, *layout], host)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{prog}: {err}") from None
+    if check_dependencies:
+        check_dependencies_or_exit(host, script, modules)

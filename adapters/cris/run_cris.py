@@ -52,10 +52,9 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from adapters import _check_host_root  # noqa: E402
 from adapters import (  # noqa: E402  (the repo root must be importable first)
     build_runner_parser,
-    check_dependencies_or_exit,
+    check_host_or_exit,
     normalize_local_rank,
     regroup_params,
     resume_in_spawned_child,
@@ -176,12 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
     if args.init_from_host is not None and not Path(args.init_from_host).expanduser().is_file():
         raise SystemExit(f"run_cris.py: --init-from-host {str(args.init_from_host)!r}: no such file")
-    try:  # a wrong --host-root is said before anything else
-        _check_host_root(args.host_root, [args.script, *CRIS_LAYOUT], "CRIS")
-    except FileNotFoundError as err:
-        raise SystemExit(f"{Path(__file__).name}: {err}") from None
-    if not args.skip_deps_check:
-        check_dependencies_or_exit("CRIS", args.script, CRIS_DEPENDENCIES)
+    # a wrong --host-root is said before anything else, then a missing host dependency
+    check_host_or_exit(Path(__file__).name, "CRIS", args.host_root, args.script, CRIS_LAYOUT, CRIS_DEPENDENCIES,
+                       check_dependencies=not args.skip_deps_check)
     print(
         f"vlaligner: CRIS {args.script} with head {args.head}; its experiment name gets the suffix "
         f"{settings['output_suffix']!r} (outputs in <output_folder>/<exp_name>{settings['output_suffix']})"

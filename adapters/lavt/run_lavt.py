@@ -51,10 +51,9 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from adapters import _check_host_root  # noqa: E402
 from adapters import (  # noqa: E402  (the repo root must be importable first)
     build_runner_parser,
-    check_dependencies_or_exit,
+    check_host_or_exit,
     normalize_local_rank,
     resume_in_spawned_child,
     retrofit_settings,
@@ -208,12 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "retrofitted run, --init-from-host starts one from a plain LAVT checkpoint")
         if not Path(args.init_from_host).expanduser().is_file():
             raise SystemExit(f"run_lavt.py: --init-from-host {str(args.init_from_host)!r}: no such file")
-    try:  # a wrong --host-root is said before anything else
-        _check_host_root(args.host_root, [args.script, *LAVT_LAYOUT], "LAVT")
-    except FileNotFoundError as err:
-        raise SystemExit(f"{Path(__file__).name}: {err}") from None
-    if not args.skip_deps_check:
-        check_dependencies_or_exit("LAVT", args.script, LAVT_DEPENDENCIES)
+    # a wrong --host-root is said before anything else, then a missing host dependency
+    check_host_or_exit(Path(__file__).name, "LAVT", args.host_root, args.script, LAVT_LAYOUT, LAVT_DEPENDENCIES,
+                       check_dependencies=not args.skip_deps_check)
     passed = suffixed_model_id(passed, settings["output_suffix"])
     if _is_main():
         model_id = _option(passed, "--model_id", None)
