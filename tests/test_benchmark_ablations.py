@@ -1,0 +1,68 @@
+"""benchmarks/ablations.py: the sweep's plan, its parallel runs and the tables over seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_ablations", ROOT / "benchmarks" / "ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(bench, delays, running, peak):
+    """A run_one that sleeps instead of training and returns a record whose mIoU encodes its run."""
+    lock = threading.Lock()
+
+    def run_one(args, name, settings, seed):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(delays.get((name, seed), 0.0))
+        with lock:
+            running[0] -= 1
+        value = 10.0 * settings["num_queries"] + seed + (5.0 if settings["head"] == "fixed" else 0.0)
+        metrics = {key: value for key in bench.METRICS}
+        metrics["num_samples"] = 7
+        return {"name": name, "seed": seed, "settings": settings, "status": "ok", "minutes": 0.1,
+                "metrics": metrics, "train_args": {"model": "tiny", "batch_size": 16}}
+
+    return run_one
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_parallel_sweep_gives_the_tables_of_the_plain_loop(tmp_path, monkeypatch, jobs):
+    bench = _load()
+    running, peak = [0], [0]
+    # The first planned run finishes last: the records must still come in plan order.
+    delays = {("n8", 0): 0.3}
+    monkeypatch.setattr(bench, "run_one", _fake_run(bench, delays, running, peak))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--configs", "n8", "fixed", "n1", "--seeds", "0", "1", "--jobs", str(jobs),
+            "--results-name", "t"]
+    assert bench.main(argv) == 0
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["name"], r["seed"]) for r in document["runs"]] == [
+        (n, s) for s in (0, 1) for n in ("n8", "fixed", "n1")]
+    summary = document["summary"]
+    # mean and std over the two seeds (values 80 + seed, 85 + seed, 10 + seed)
+    assert summary["n8"]["mIoU"] == pytest.approx(80.5) and summary["fixed"]["mIoU"] == pytest.approx(85.5)
+    assert summary["n1"]["mIoU_std"] == pytest.approx(0.5 ** 0.5)
+    assert peak[0] == jobs
+    assert "| fixed kernel | 85.50 ± 0.71" in (tmp_path / "t.md").read_text()
+
+
+def test_jobs_must_be_positive():
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--jobs", "0"])
