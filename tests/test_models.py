@@ -134,6 +134,37 @@ def test_backbone_maps_are_channels_first_at_strides_8_16_32():
     assert global_vision.shape == (1, 256)
 
 
+def test_grid_stride_8_puts_the_decoder_grid_one_octave_finer():
+    torch.manual_seed(0)
+    coarse = build_eavl_tiny(img_size=64, num_queries=4).eval()
+    torch.manual_seed(0)
+    fine = build_eavl_tiny(img_size=64, num_queries=4, grid_stride=8).train()
+    assert fine.config["kwargs"]["grid_stride"] == 8
+    with torch.no_grad():
+        feats, global_vision = fine.image_encoder(torch.randn(1, 3, 64, 96))
+    # ConvNeXt stages 1-3 at strides 4, 8, 16; its last stage is not built
+    assert [tuple(f.shape) for f in feats] == [(1, 32, 16, 24), (1, 64, 8, 12), (1, 128, 4, 6)]
+    assert global_vision.shape == (1, 128)
+    assert sum(p.numel() for p in fine.image_encoder.backbone.parameters()) < sum(
+        p.numel() for p in coarse.image_encoder.backbone.parameters())
+    images, ids, mask = batch(fine, size=(64, 96))
+    out = fine(images, ids, mask)
+    # the decoder grid is (H/8, W/8); one upsampling brings the masks to stride 4 as before
+    assert out.logits.shape == (2, 1, 16, 24)
+    assert fine.head.mask_generator.projection.num_upsamples == 1
+    assert_every_parameter_gets_gradient(fine, mask_bce_loss(out.logits, torch.zeros(2, 64, 96)))
+
+
+def test_grid_stride_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=64, num_queries=4, grid_stride=8, up_channels=(64,)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = EAVL.from_pretrained(tmp_path / "m").eval()
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids, mask).logits, model(images, ids, mask).logits)
+
+
 # ---------------------------------------------------------------- input checks
 @pytest.mark.parametrize("size", [(100, 128), (128, 96 + 16), (33, 33)])
 def test_sides_not_multiple_of_32_raise_naming_the_shape(tiny, size):
@@ -278,6 +309,8 @@ def test_kernel_size_sets_the_query_kernels(k):
     (dict(img_size=100), "multiple of 32"),
     (dict(kernel_size=2), "odd"),
     (dict(backbone="vit_tiny_patch16_224", img_size=224), r"strides \(8, 16, 32\)"),
+    (dict(grid_stride=4), r"grid_stride must be one of \[8, 16\], got 4"),
+    (dict(grid_stride=8, up_channels=(128, 128)), r"grid_stride 8 has 1, got \[128, 128\]"),
 ])
 def test_builder_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -434,6 +467,10 @@ def test_create_timm_backbone_for_cnn_and_swin():
     assert tuple(cnn.feature_info.reduction()) == (8, 16, 32)
     swin = create_timm_backbone(SMALL_SWIN["backbone"], img_size=224, **SMALL_SWIN["backbone_kwargs"])
     assert tuple(swin.feature_info.channels()) == (64, 128, 256)
+    fine = create_timm_backbone("resnet18", strides=(4, 8, 16))
+    assert tuple(fine.feature_info.reduction()) == (4, 8, 16)
+    with pytest.raises(ValueError, match=r"strides must be \(8, 16, 32\) or \(4, 8, 16\), got \(2, 4, 8\)"):
+        create_timm_backbone("resnet18", strides=(2, 4, 8))
 
 
 # ---------------------------------------------------------------- report

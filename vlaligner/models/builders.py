@@ -27,7 +27,14 @@ from ..query_generator import MultiQueryGenerator
 from .decoder import TransformerDecoder
 from .eavl import INPUT_MULTIPLE, EAVL
 from .registry import BUILDERS, register_builder
-from .image_encoder import AttentionPool2d, ImageEncoder, create_timm_backbone, load_backbone_weights
+from .image_encoder import (
+    FEATURE_STRIDES,
+    FINE_FEATURE_STRIDES,
+    AttentionPool2d,
+    ImageEncoder,
+    create_timm_backbone,
+    load_backbone_weights,
+)
 from .text_encoder import TextEncoder
 from .tokenizer import has_tokenizer_files, load_tiny_tokenizer, load_tokenizer
 
@@ -90,6 +97,9 @@ def tiny_pretrained_weights() -> Path:
 #: Initial mask logit of the tiny model: log(p / (1 - p)) for p = 0.1, about the share of
 #: pixels a referred object covers in the synthetic set.
 TINY_MASK_BIAS_INIT = -2.2
+#: Decoder grid stride -> (backbone map strides, 2x upsamplings from the grid to the stride-4 masks).
+GRID_STRIDES: Dict[int, int] = {16: 2, 8: 1}
+_BACKBONE_STRIDES = {16: FEATURE_STRIDES, 8: FINE_FEATURE_STRIDES}
 
 
 # ---------------------------------------------------------------------- text side
@@ -198,6 +208,7 @@ def _assemble(
     mask_bias_init: float = 0.0,
     aggregation: str = "logits",
     no_target: bool = False,
+    grid_stride: int = 16,
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -209,11 +220,13 @@ def _assemble(
             f"the tokenizer has {len(tokenizer)} tokens but the language model's embedding only {vocab}"
         )
     c2, c3, c4 = (int(c) for c in backbone.feature_info.channels())
-    grid = (img_size // 16, img_size // 16)
+    # The decoder grid sits at the middle map's stride; the pooling on the coarsest map (2x).
+    grid = (img_size // grid_stride, img_size // grid_stride)
+    coarse = img_size // (2 * grid_stride)
     image_encoder = ImageEncoder(
-        backbone=backbone,
-        pool=AttentionPool2d(channels=c4, num_heads=pool_heads, grid_size=(img_size // 32, img_size // 32)),
+        backbone=backbone, pool=AttentionPool2d(channels=c4, num_heads=pool_heads, grid_size=(coarse, coarse)),
     )
+    num_upsamples = GRID_STRIDES[grid_stride]
     text_encoder = TextEncoder(
         language_model=language_model, dim=dim, sentence_dim=dim if use_global_text else None
     )
@@ -232,12 +245,12 @@ def _assemble(
     if head == "aligner":
         head_module: nn.Module = VisionLanguageAligner(
             in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
-            use_estimator=use_estimator, num_upsamples=2, mask_channels=mask_channels,
+            use_estimator=use_estimator, num_upsamples=num_upsamples, mask_channels=mask_channels,
             hidden_channels=up_channels, mask_bias_init=mask_bias_init, aggregation=aggregation,
         )
     else:
         head_module = FixedKernelHead(
-            in_channels=dim, kernel_size=kernel_size, num_upsamples=2, mask_channels=mask_channels,
+            in_channels=dim, kernel_size=kernel_size, num_upsamples=num_upsamples, mask_channels=mask_channels,
             hidden_channels=up_channels, mask_bias_init=mask_bias_init,
         )
     no_target_head = (
@@ -366,7 +379,7 @@ def build_eavl_tiny(
     kernel_size: int = 3,
     dim: int = 128,
     mask_channels: int = 64,
-    up_channels: Sequence[int] = (128, 128),
+    up_channels: Optional[Sequence[int]] = None,
     backbone: str = TINY_BACKBONE,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
@@ -381,6 +394,7 @@ def build_eavl_tiny(
     mask_bias_init: float = TINY_MASK_BIAS_INIT,
     aggregation: str = "logits",
     no_target: bool = False,
+    grid_stride: int = 16,
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
@@ -400,7 +414,8 @@ def build_eavl_tiny(
             ablation switches (module docstring).
         dim: model width D (a multiple of 4 for the sine encoding and of the heads).
         mask_channels: channels the query kernels act on.
-        up_channels: the up-projection's width after each of its two rounds.
+        up_channels: the up-projection's width after each of its rounds (two at
+            ``grid_stride=16``, one at 8); None: 128 each.
         backbone, backbone_kwargs: timm model and its arguments; ``backbone_kwargs`` defaults to
             :data:`TINY_BACKBONE_KWARGS` only for the default backbone (e.g.
             ``backbone="swin_tiny_patch4_window7_224", img_size=224`` gives Swin-T).
@@ -420,8 +435,21 @@ def build_eavl_tiny(
         aggregation: ``"logits"`` or ``"probabilities"``: the reading of Eq. 14 (see
             :class:`~vlaligner.VisionLanguageAligner`).
         no_target: add the no-target head (generalized RIS), as in :func:`build_eavl_swin_b`.
+        grid_stride: stride of the decoder grid: 16 (the paper's; backbone maps at strides 8, 16,
+            32, two upsamplings to the masks) or 8 (maps at 4, 8, 16, the backbone's last stage
+            not built, one upsampling): 4x the grid cells, for small inputs whose objects cover
+            a few stride-16 cells.
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
+    if grid_stride not in GRID_STRIDES:
+        raise ValueError(f"grid_stride must be one of {sorted(GRID_STRIDES)}, got {grid_stride!r}")
+    rounds = GRID_STRIDES[grid_stride]
+    up_channels = (128,) * rounds if up_channels is None else tuple(up_channels)
+    if len(up_channels) != rounds:
+        raise ValueError(
+            f"up_channels must give one width per upsampling round: grid_stride {grid_stride} has "
+            f"{rounds}, got {list(up_channels)}"
+        )
     if pretrained and backbone_weights is None:
         if backbone not in (TINY_BACKBONE, TINY_PRETRAINED_BACKBONE):
             raise ValueError(
@@ -440,7 +468,7 @@ def build_eavl_tiny(
         text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
         decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation, no_target=no_target, max_length=max_length,
+        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
     if text_model is not None or text_config is not None:
@@ -453,7 +481,9 @@ def build_eavl_tiny(
         language_model = _language_model_from_config(
             {**TINY_BERT_CONFIG, "vocab_size": len(tok), **(text_model_config or {})}
         )
-    backbone_module = create_timm_backbone(backbone, pretrained=False, img_size=img_size, **backbone_kwargs)
+    backbone_module = create_timm_backbone(
+        backbone, pretrained=False, img_size=img_size, strides=_BACKBONE_STRIDES[grid_stride], **backbone_kwargs
+    )
     if backbone_weights is not None:
         load_backbone_weights(backbone_module, backbone_weights)
     return _assemble(
@@ -470,5 +500,5 @@ def build_eavl_tiny(
         aligner_heads=8 if dim % 8 == 0 else 4, max_length=max_length,
         mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation, no_target=no_target,
+        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride,
     )

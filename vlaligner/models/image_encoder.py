@@ -20,16 +20,28 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["AttentionPool2d", "ImageEncoder", "create_timm_backbone", "load_backbone_weights", "FEATURE_STRIDES"]
+__all__ = ["AttentionPool2d", "ImageEncoder", "create_timm_backbone", "load_backbone_weights", "FEATURE_STRIDES",
+           "FINE_FEATURE_STRIDES"]
 
 #: Strides of the three backbone maps EAVL uses (stages 2-4 of Swin).
 FEATURE_STRIDES: Tuple[int, int, int] = (8, 16, 32)
+#: The same one octave finer: a decoder grid at stride 8 (``build_eavl_tiny(grid_stride=8)``).
+FINE_FEATURE_STRIDES: Tuple[int, int, int] = (4, 8, 16)
 
 
 def create_timm_backbone(
-    name: str, *, pretrained: bool = False, img_size: Optional[int] = None, **timm_kwargs: Any
+    name: str,
+    *,
+    pretrained: bool = False,
+    img_size: Optional[int] = None,
+    strides: Tuple[int, int, int] = FEATURE_STRIDES,
+    **timm_kwargs: Any,
 ) -> nn.Module:
-    """Build ``timm.create_model(name, features_only=True)`` returning the last three stages.
+    """Build ``timm.create_model(name, features_only=True)`` returning three consecutive stages.
+
+    ``strides`` are the strides of the three maps: :data:`FEATURE_STRIDES` (8, 16, 32: the last
+    three stages, the paper's) or one octave finer, (4, 8, 16), where the stages after the
+    stride-16 one are not built (a decoder grid at stride 8 for small inputs).
 
     ``img_size`` is forwarded (with ``dynamic_img_size=True``, so that any input whose sides
     are multiples of 32 works, not just ``img_size`` squared) to backbones that take it
@@ -38,11 +50,18 @@ def create_timm_backbone(
     ``depths``, ``channels``).
 
     Raises:
-        ValueError: the backbone's last three stages are not at strides 8, 16, 32.
+        ValueError: ``strides`` is neither (8, 16, 32) nor (4, 8, 16), or the backbone's stages
+            are not at those strides.
     """
     import timm  # an extra: imported where used so the core package imports without it
 
-    base = dict(timm_kwargs, pretrained=pretrained, features_only=True, out_indices=(-3, -2, -1))
+    strides = tuple(int(s) for s in strides)
+    if strides not in (FEATURE_STRIDES, FINE_FEATURE_STRIDES):
+        raise ValueError(f"strides must be {FEATURE_STRIDES} or {FINE_FEATURE_STRIDES}, got {strides}")
+    # Stages counted from the last: (8, 16, 32) are the last three, (4, 8, 16) one earlier.
+    shift = 0 if strides == FEATURE_STRIDES else 1
+    out_indices = tuple(i - shift for i in (-3, -2, -1))
+    base = dict(timm_kwargs, pretrained=pretrained, features_only=True, out_indices=out_indices)
     attempts: List[dict] = []
     if img_size is not None:
         # Not every timm model takes these; try the richest set first. A TypeError that does
@@ -61,9 +80,9 @@ def create_timm_backbone(
     else:  # pragma: no cover - the last attempt has no extra keys, so it raises itself
         raise last_error  # type: ignore[misc]
     reductions = tuple(int(r) for r in model.feature_info.reduction())
-    if reductions != FEATURE_STRIDES:
+    if reductions != strides:
         raise ValueError(
-            f"backbone {name!r}: EAVL needs its last three stages at strides {FEATURE_STRIDES}, "
+            f"backbone {name!r}: EAVL needs three stages at strides {strides}, "
             f"got strides {reductions}"
         )
     return model
