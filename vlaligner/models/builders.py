@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 

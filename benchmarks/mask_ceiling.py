@@ -1,0 +1,103 @@
+"""How much of the ground truth a mask predicted at a given stride can hold.
+
+Axis legend: b batch, h w space of the input.
+
+A model that predicts its mask on a grid of stride ``s`` (EAVL: logits at stride 4, made by
+upsampling the decoder's stride-16 grid) and is scored after bilinear upsampling can at best
+reproduce the ground truth area-averaged to that grid. This script computes that ceiling on a
+data set's masks: each mask is average-pooled by ``s``, upsampled back bilinearly, thresholded
+at 0.5 and compared with itself (IoU, Pr@0.5-0.9 in percent, as the RIS metrics)::
+
+    python benchmarks/mask_ceiling.py                           # the demo's synthetic set, 128 px
+    python benchmarks/mask_ceiling.py --img-size 160 --strides 4 8 16
+    python benchmarks/mask_ceiling.py --data-root data --dataset refcoco --img-size 480
+
+It says whether blob-shaped masks are the grid's fault (the ceiling is low) or the model's
+(the ceiling is high and the model is far below it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def stride_ceiling_iou(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """Per-mask IoU of the best mask a stride-``stride`` grid can give after bilinear upsampling.
+
+    Args:
+        masks: ``(b h w)`` ground truth (bool or 0/1 float); ``h`` and ``w`` multiples of ``stride``.
+        stride: the grid's stride (1 gives IoU 1 for every non-empty mask).
+
+    Returns:
+        ``(b)`` float IoU; an empty ground truth counts 1 when the reconstruction is empty too.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (b h w), got {tuple(masks.shape)}")
+    if stride < 1 or masks.shape[-1] % stride or masks.shape[-2] % stride:
+        raise ValueError(f"the mask sides {tuple(masks.shape[-2:])} must be multiples of stride {stride}")
+    truth = masks.float()[:, None] > 0.5
+    low = F.avg_pool2d(truth.float(), stride)
+    back = F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False) > 0.5
+    inter = (back & truth).flatten(1).sum(1).float()
+    union = (back | truth).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def summarize(ious: torch.Tensor) -> Dict[str, float]:
+    """mIoU and Pr@t in percent of a ``(n)`` IoU vector."""
+    out = {"mIoU": 100 * ious.mean().item()}
+    for t in THRESHOLDS:
+        out[f"Pr@{t}"] = 100 * (ious > t).float().mean().item()
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, default=None, help="refer layout (default: the demo's synthetic set)")
+    p.add_argument("--dataset", default="refcoco")
+    p.add_argument("--split-by", default="unc")
+    p.add_argument("--split", default="val")
+    p.add_argument("--img-size", type=int, default=128, help="input side the masks are resized to")
+    p.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--synthetic-images", type=int, default=800)
+    args = p.parse_args(argv)
+    if any(args.img_size % s for s in args.strides):
+        p.error(f"--img-size {args.img_size} must be a multiple of every stride {args.strides}")
+
+    from vlaligner.data import RefDataset
+    from vlaligner.data.cache import default_cache_dir, ensure_synthetic_set
+
+    root = args.data_root
+    if root is None:
+        root = ensure_synthetic_set(default_cache_dir(), num_images=args.synthetic_images, log=print)
+    data = RefDataset(root, args.dataset, args.split_by, args.split, img_size=args.img_size)
+    masks: List[torch.Tensor] = []
+    for i in range(len(data)):
+        mask = torch.as_tensor(data[i]["mask"]).float()
+        masks.append(mask.reshape(mask.shape[-2:]))
+    stack = torch.stack(masks)
+    area = 100 * stack.flatten(1).mean(1).median().item()
+    print(f"{args.dataset} {args.split}: {len(data)} masks at {args.img_size} px; median object area "
+          f"{area:.2f} % of the image")
+    print("| stride | mIoU | " + " | ".join(f"Pr@{t}" for t in THRESHOLDS) + " |")
+    print("|---" * (len(THRESHOLDS) + 2) + "|")
+    for stride in args.strides:
+        row = summarize(stride_ceiling_iou(stack, stride))
+        print(f"| {stride} | {row['mIoU']:.1f} | " + " | ".join(f"{row[f'Pr@{t}']:.1f}" for t in THRESHOLDS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
