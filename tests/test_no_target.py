@@ -245,6 +245,7 @@ def test_gres_evaluate(tiny, tmp_path: Path) -> None:
     assert always["num_samples"] == n
     assert always["gIoU"] == pytest.approx(100.0 * n_nt / n)
     assert always["N-acc"] == 100.0 and always["T-acc"] == 0.0 and always["Pr@0.7"] == 0.0
+    assert always["gIoU-single"] == 0.0 and always["gIoU-multi"] == 0.0  # every target missed
     model = _with_head(tiny, bias=-20.0)
     never = gres_evaluate(model, loader)
     assert never["N-acc"] == 0.0 and never["T-acc"] == 100.0
@@ -261,6 +262,12 @@ def test_gres_evaluate(tiny, tmp_path: Path) -> None:
         masks, nt = gres_predict(model, batch)
         assert not nt.any() and len(masks) == len(batch["orig_size"])
     expected = gres_metrics(preds, targets, pred_nt, flags)
+    # gIoU split by the number of referred objects: the IoU of each such sample, by hand
+    counts = [len(ds.ref_ann_ids(s.ref_id)) for s in ds.samples]
+    ious = [(p & t.bool()).sum().item() / max((p | t.bool()).sum().item(), 1) for p, t in zip(preds, targets)]
+    for key, keep in (("gIoU-single", lambda c: c == 1), ("gIoU-multi", lambda c: c >= 2)):
+        chosen = [iou for iou, c in zip(ious, counts) if keep(c)]
+        assert chosen and never[key] == pytest.approx(100.0 * sum(chosen) / len(chosen), rel=1e-4, abs=1e-3), key
     for key, value in expected.items():
         # sigmoid(x) > 0.5 here, x > 0 there: a float32 sigmoid can round a few pixels to 0.5
         assert never[key] == pytest.approx(value, rel=1e-4, nan_ok=True), key

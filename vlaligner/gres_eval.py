@@ -6,6 +6,10 @@ The masks are made as the classic evaluation makes them (logits upsampled biline
 input size, then to each image's original size, then thresholded), and passed to
 :class:`vlaligner.gres_metrics.GRESMetricAccumulator` *with* the no-target flag, as ReLA's
 evaluator expects (the mask is not blanked when "no target" is predicted).
+
+Beside ReLA's metrics, :func:`gres_evaluate` splits gIoU by the number of objects a sentence
+refers to (``gIoU-single``: exactly one, ``gIoU-multi``: two or more; the no-target share is
+N-acc), so that the cost of the generalized task on classic single-target sentences shows.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gres_metrics import GRESMetricAccumulator
+from .metrics import sum_over_processes
 
 __all__ = ["gres_predict", "gres_evaluate"]
 
@@ -84,12 +89,16 @@ def gres_evaluate(
     """gIoU, cIoU, Pr@0.7-0.9, N-acc and T-acc (percent) of ``model`` over ``loader``.
 
     ``loader`` yields :func:`vlaligner.data.collate_ref_batch` batches of a gRefCOCO
-    ``RefDataset`` (``orig_mask`` / ``mask`` and ``no_target``). The model is put in eval
-    mode and left there. With ``torch.distributed`` initialised, the sums are all-reduced.
-    Returns the metrics plus ``"num_samples"``.
+    ``RefDataset`` (``orig_mask`` / ``mask``, ``no_target`` and ``num_targets``). The model is
+    put in eval mode and left there. With ``torch.distributed`` initialised, the sums are
+    all-reduced. Returns the metrics plus ``"gIoU-single"`` and ``"gIoU-multi"`` (gIoU over
+    the sentences that refer to exactly one object, and to two or more; nan when there are
+    none or the batches carry no ``num_targets``) and ``"num_samples"``.
     """
     model.eval()
     acc = accumulator if accumulator is not None else GRESMetricAccumulator()
+    # [IoU sum, count] of single-target sentences, then of multi-target ones
+    by_count = torch.zeros(4, dtype=torch.float64)
     for batch in loader:
         masks, pred_nt = gres_predict(
             model, batch, device=device, threshold=threshold,
@@ -99,8 +108,17 @@ def gres_evaluate(
             targets = [m.bool() for m in batch["orig_mask"]]
         else:
             targets = [m > 0.5 for m in batch["mask"]]
-        acc.update(masks, targets, pred_nt, batch["no_target"].cpu())
+        iou = acc.update(masks, targets, pred_nt, batch["no_target"].cpu())
+        if "num_targets" in batch:
+            counts = torch.as_tensor(batch["num_targets"]).cpu()
+            single, multi = counts == 1, counts >= 2
+            by_count += torch.stack([iou[single].sum(), single.sum(), iou[multi].sum(), multi.sum()]).double()
     acc.all_reduce()
+    summed = sum_over_processes(by_count)
+    if summed is not None:
+        by_count = summed
     result = acc.compute()
+    for key, (total, n) in (("gIoU-single", by_count[:2]), ("gIoU-multi", by_count[2:])):
+        result[key] = 100.0 * float(total) / float(n) if n > 0 else math.nan
     result["num_samples"] = float(acc.count)
     return result

@@ -390,7 +390,7 @@ class Trainer:
                        time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.manifest.add("metrics.jsonl")
             append_jsonl(self.out / "metrics.jsonl", row)
-            keys = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9") if self.generalized else (
+            keys = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9", "gIoU-single", "gIoU-multi") if self.generalized else (
                 "oIoU", "mIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9")
             LOG.info(
                 "eval %s at step %d: %s (%d samples, %.1f s)%s", self.args.val_split, self.step,
