@@ -398,6 +398,10 @@ def test_format_metrics_table_rows():
     assert lines[0].split() == ["split", "oIoU", "mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"]
     assert lines[2].split()[:3] == ["val", "12.35", "50.00"]
     assert lines[3].split()[-1] == "-"
+    # a column as wide as its name: the values stay under their headers
+    wide = format_metrics_table({"val": {"gIoU": 1.0, "gIoU-single": 22.8}}, keys=["gIoU", "gIoU-single"])
+    head, _, row = wide.splitlines()
+    assert len(head) == len(row) and head.endswith("gIoU-single") and row.endswith("22.80")
 
 
 def test_plot_curves_and_prediction_grid(tmp_path):

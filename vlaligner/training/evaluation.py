@@ -22,8 +22,9 @@ from .distributed import dist_ready, unwrap_model
 
 __all__ = ["predict_masks", "evaluate", "format_metrics_table", "DIVERSITY_KEYS", "GRES_KEYS"]
 
-#: The columns of the evaluation table on a generalized data set (ReLA's metrics, percent).
-GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
+#: The columns of the evaluation table on a generalized data set (ReLA's metrics, then gIoU
+#: over single- and multi-target sentences; percent).
+GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9", "gIoU-single", "gIoU-multi")
 
 #: The query-diversity columns ``evaluate(query_diversity=True)`` adds (means over samples).
 DIVERSITY_KEYS = ("query_mask_iou", "score_spread", "score_entropy", "attention_entropy", "attention_distance")
@@ -186,12 +187,13 @@ def format_metrics_table(results: Mapping[str, Mapping[str, float]], keys: Optio
     """A plain-text table: one row per split, columns ``keys`` (default oIoU, mIoU, Pr@0.5-0.9; percent)."""
     keys = list(METRIC_KEYS if keys is None else keys)
     width = max([5] + [len(s) for s in results])
-    header = f"{'split':<{width}} " + " ".join(f"{k:>7}" for k in keys)
+    widths = [max(7, len(k)) for k in keys]
+    header = f"{'split':<{width}} " + " ".join(f"{k:>{w}}" for k, w in zip(keys, widths))
     lines = [header, "-" * len(header)]
     for split, metrics in results.items():
         cells = []
-        for k in keys:
+        for k, w in zip(keys, widths):
             value = metrics.get(k)
-            cells.append(f"{value:7.2f}" if isinstance(value, (int, float)) else f"{'-':>7}")
+            cells.append(f"{value:{w}.2f}" if isinstance(value, (int, float)) else f"{'-':>{w}}")
         lines.append(f"{split:<{width}} " + " ".join(cells))
     return "\n".join(lines)
