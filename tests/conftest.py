@@ -32,3 +32,20 @@ def tiny():
 
     torch.manual_seed(0)
     return build_eavl_tiny(img_size=64, num_queries=4).eval()
+
+
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark("ablations")`` imports ``benchmarks/ablations.py`` afresh (a new module
+    object per call, so that a test may monkeypatch it freely)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_ablations", ROOT / "benchmarks" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fake_run(bench, delays, running, peak):
@@ -41,8 +30,8 @@ def _fake_run(bench, delays, running, peak):
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_parallel_sweep_gives_the_tables_of_the_plain_loop(tmp_path, monkeypatch, jobs):
-    bench = _load()
+def test_parallel_sweep_gives_the_tables_of_the_plain_loop(tmp_path, monkeypatch, jobs, load_benchmark):
+    bench = load_benchmark("ablations")
     running, peak = [0], [0]
     # The first planned run finishes last: the records must still come in plan order.
     delays = {("n8", 0): 0.3}
@@ -62,7 +51,7 @@ def test_parallel_sweep_gives_the_tables_of_the_plain_loop(tmp_path, monkeypatch
     assert "| fixed kernel | 85.50 ± 0.71" in (tmp_path / "t.md").read_text()
 
 
-def test_jobs_must_be_positive():
-    bench = _load()
+def test_jobs_must_be_positive(load_benchmark):
+    bench = load_benchmark("ablations")
     with pytest.raises(SystemExit):
         bench.parse_args(["--jobs", "0"])

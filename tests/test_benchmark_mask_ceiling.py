@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_mask_ceiling", ROOT / "benchmarks" / "mask_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_ceiling_on_hand_made_masks():
-    bench = _load()
+def test_ceiling_on_hand_made_masks(load_benchmark):
+    bench = load_benchmark("mask_ceiling")
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
     masks[0, 4:12, 4:12] = True      # aligned with the stride-4 cells: rebuilt but its corners
     masks[1, 5, 5] = True            # one pixel: 1/16 of a cell, lost at stride 4
@@ -36,7 +24,7 @@ def test_ceiling_on_hand_made_masks():
     assert summary["mIoU"] == pytest.approx(67.5) and summary["Pr@0.7"] == 75.0 and summary["Pr@0.9"] == 50.0
 
 
-def test_ceiling_rejects_sides_that_are_not_multiples_of_the_stride():
-    bench = _load()
+def test_ceiling_rejects_sides_that_are_not_multiples_of_the_stride(load_benchmark):
+    bench = load_benchmark("mask_ceiling")
     with pytest.raises(ValueError, match=r"\(10, 16\) must be multiples of stride 4"):
         bench.stride_ceiling_iou(torch.zeros(1, 10, 16), 4)

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_retrofit", ROOT / "benchmarks" / "retrofit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_trains_every_host_and_head_through_the_trainer_and_reuses_runs(tmp_path, monkeypatch):
-    bench = _load()
+def test_sweep_trains_every_host_and_head_through_the_trainer_and_reuses_runs(tmp_path, monkeypatch, load_benchmark):
+    bench = load_benchmark("retrofit")
     argv = ["--hosts", "vlt", "cris", "--seeds", "0", "1", "--steps", "2", "--batch-size", "2",
             "--img-size", "64", "--val-samples", "4", "--synthetic-images", "8",
             "--cache-dir", str(tmp_path / "synth"), "--output-dir", str(tmp_path / "runs"),
