@@ -6,7 +6,8 @@ A model that predicts its mask on a grid of stride ``s`` (EAVL: logits at stride
 upsampling the decoder's stride-16 grid) and is scored after bilinear upsampling can at best
 reproduce the ground truth area-averaged to that grid. This script computes that ceiling on a
 data set's masks: each mask is average-pooled by ``s``, upsampled back bilinearly, thresholded
-at 0.5 and compared with itself (IoU, Pr@0.5-0.9 in percent, as the RIS metrics)::
+at 0.5 and compared with itself by :func:`vlaligner.metrics.ris_metrics` (mIoU, Pr@0.5-0.9 in
+percent, exactly as the evaluation scores a model)::
 
     python benchmarks/mask_ceiling.py                           # the demo's synthetic set, 128 px
     python benchmarks/mask_ceiling.py --img-size 160 --strides 4 8 16
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,37 +31,32 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def stride_ceiling_iou(masks: torch.Tensor, stride: int) -> torch.Tensor:
-    """Per-mask IoU of the best mask a stride-``stride`` grid can give after bilinear upsampling.
+def stride_reconstruction(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """The best mask a stride-``stride`` grid can give: ``masks`` area-averaged to the grid,
+    upsampled back bilinearly (as the evaluation upsamples logits), thresholded at 0.5.
 
     Args:
         masks: ``(b h w)`` ground truth (bool or 0/1 float); ``h`` and ``w`` multiples of ``stride``.
-        stride: the grid's stride (1 gives IoU 1 for every non-empty mask).
+        stride: the grid's stride (1 gives the masks back).
 
     Returns:
-        ``(b)`` float IoU; an empty ground truth counts 1 when the reconstruction is empty too.
+        ``(b h w)`` bool.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (b h w), got {tuple(masks.shape)}")
     if stride < 1 or masks.shape[-1] % stride or masks.shape[-2] % stride:
         raise ValueError(f"the mask sides {tuple(masks.shape[-2:])} must be multiples of stride {stride}")
-    truth = masks.float()[:, None] > 0.5
-    low = F.avg_pool2d(truth.float(), stride)
-    back = F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False) > 0.5
-    inter = (back & truth).flatten(1).sum(1).float()
-    union = (back | truth).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    truth = (masks.float() > 0.5)[:, None].float()
+    low = F.avg_pool2d(truth, stride)
+    return F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0.5
 
 
-def summarize(ious: torch.Tensor) -> Dict[str, float]:
-    """mIoU and Pr@t in percent of a ``(n)`` IoU vector."""
-    out = {"mIoU": 100 * ious.mean().item()}
-    for t in THRESHOLDS:
-        out[f"Pr@{t}"] = 100 * (ious > t).float().mean().item()
-    return out
+def stride_ceiling_iou(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """Per-mask IoU ``(b)`` of :func:`stride_reconstruction` against the masks themselves
+    (:mod:`vlaligner.metrics`' convention: an empty mask rebuilt empty counts 1)."""
+    from vlaligner.metrics import intersection_union, iou_from_counts
+
+    return iou_from_counts(*intersection_union(stride_reconstruction(masks, stride), masks.float() > 0.5))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -78,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from vlaligner.data import RefDataset
     from vlaligner.data.cache import default_cache_dir, ensure_synthetic_set
+    from vlaligner.metrics import METRIC_KEYS, ris_metrics
 
     root = args.data_root
     if root is None:
@@ -91,11 +88,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     area = 100 * stack.flatten(1).mean(1).median().item()
     print(f"{args.dataset} {args.split}: {len(data)} masks at {args.img_size} px; median object area "
           f"{area:.2f} % of the image")
-    print("| stride | mIoU | " + " | ".join(f"Pr@{t}" for t in THRESHOLDS) + " |")
-    print("|---" * (len(THRESHOLDS) + 2) + "|")
+    keys = [k for k in METRIC_KEYS if k != "oIoU"]  # mIoU and Pr@0.5-0.9, as the evaluation reports
+    print("| stride | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    truth = stack > 0.5
     for stride in args.strides:
-        row = summarize(stride_ceiling_iou(stack, stride))
-        print(f"| {stride} | {row['mIoU']:.1f} | " + " | ".join(f"{row[f'Pr@{t}']:.1f}" for t in THRESHOLDS) + " |")
+        row = ris_metrics(stride_reconstruction(stack, stride), truth)
+        print(f"| {stride} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
     return 0
 
 

@@ -273,3 +273,57 @@ def test_gres_evaluate(tiny, tmp_path: Path) -> None:
         assert never[key] == pytest.approx(value, rel=1e-4, nan_ok=True), key
     with pytest.raises(ValueError, match="the model has no no-target head"):
         gres_evaluate(tiny, loader)
+
+
+class _FakeGRESModel(torch.nn.Module):
+    """Logits = the image's first channel at stride 4; no-target logit = the first token id - 5."""
+
+    def forward(self, images, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=images[:, :1, ::4, ::4], no_target_logits=input_ids[:, 0].float() - 5.0)
+
+
+def _fake_gres_batches(n_batches: int = 4, b: int = 3) -> list:
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(n_batches):
+        counts = torch.randint(0, 4, (b,), generator=g)
+        masks = torch.rand(b, 16, 16, generator=g) > 0.6
+        masks[counts == 0] = False  # a no-target sample's target is empty
+        batches.append({
+            "image": torch.randn(b, 3, 16, 16, generator=g),
+            "input_ids": torch.randint(0, 10, (b, 4), generator=g),
+            "attention_mask": torch.ones(b, 4, dtype=torch.long),
+            "mask": masks.float(), "no_target": counts == 0, "num_targets": counts,
+        })
+    return batches
+
+
+def _gres_dist_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from vlaligner.gres_eval import gres_evaluate
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = _fake_gres_batches()[rank::world]
+        result = gres_evaluate(_FakeGRESModel(), mine, at_original_size=False)
+        if rank == 0:
+            torch.save(result, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gres_evaluate_two_processes_equals_one(tmp_path: Path) -> None:
+    """Every sum, the split by number of targets included, is all-reduced exactly."""
+    import torch.multiprocessing as mp
+
+    from vlaligner.gres_eval import gres_evaluate
+
+    result = tmp_path / "r.pt"
+    mp.start_processes(_gres_dist_worker, args=(2, str(tmp_path / "init"), str(result)), nprocs=2,
+                       join=True, start_method="fork")
+    whole = gres_evaluate(_FakeGRESModel(), _fake_gres_batches(), at_original_size=False)
+    assert not math.isnan(whole["gIoU-single"]) and not math.isnan(whole["gIoU-multi"])
+    assert torch.load(result) == pytest.approx(whole, nan_ok=True)

@@ -148,6 +148,24 @@ def test_no_arguments_is_the_demo_and_options_override_it():
     assert (paper.recipe, paper.optimizer, paper.warmup_steps, paper.clip_grad) == ("paper-finetune", "adam", 0, 0.0)
 
 
+def test_model_kwargs_mistakes_are_one_line_errors(synthetic, tmp_path, capsys):
+    # an argument the builder does not take: refused before anything is built or written
+    bad = json.dumps({**json.loads(SMALL), "nonsense": 1})
+    argv = _argv(synthetic, tmp_path / "a", "--max-steps", "1")
+    argv[argv.index(SMALL)] = bad
+    err = _fail(argv, capsys)
+    assert "build_eavl_tiny has no argument 'nonsense'" in err and "grid_stride" in err
+    assert not (tmp_path / "a").exists()
+    # arguments the builder takes but rejects: its message, as one line, exit status 2
+    bad = json.dumps({**json.loads(SMALL), "grid_stride": 8})  # SMALL's up_channels has two rounds
+    argv = _argv(synthetic, tmp_path / "b", "--max-steps", "1")
+    argv[argv.index(SMALL)] = bad
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot build the model with these arguments: up_channels must give one width per upsampling " \
+        "round: grid_stride 8 has 1, got [32, 32]" in err and "Traceback" not in err
+
+
 def test_command_line_error_from_a_real_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_eavl.py"), "--dataset", "refcocoX", "--output-dir", str(tmp_path / "o")],

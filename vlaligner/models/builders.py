@@ -97,8 +97,10 @@ def tiny_pretrained_weights() -> Path:
 #: Initial mask logit of the tiny model: log(p / (1 - p)) for p = 0.1, about the share of
 #: pixels a referred object covers in the synthetic set.
 TINY_MASK_BIAS_INIT = -2.2
-#: Decoder grid stride -> (backbone map strides, 2x upsamplings from the grid to the stride-4 masks).
+#: ``build_eavl_tiny(grid_stride=...)``: decoder grid stride -> rounds of 2x upsampling from the
+#: grid to the stride-4 masks.
 GRID_STRIDES: Dict[int, int] = {16: 2, 8: 1}
+#: Decoder grid stride -> strides of the three backbone maps (the grid is the middle one).
 _BACKBONE_STRIDES = {16: FEATURE_STRIDES, 8: FINE_FEATURE_STRIDES}
 
 

@@ -209,6 +209,22 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     return p
 
 
+def _check_model_kwargs(model: str, kwargs: Mapping[str, Any]) -> None:
+    """``--model-kwargs`` names only arguments of the builder of ``--model`` (before anything is built)."""
+    import inspect
+
+    from ..models import build_eavl_swin_b, build_eavl_tiny
+
+    builder = build_eavl_swin_b if model == "swin-b" else build_eavl_tiny
+    takes = set(inspect.signature(builder).parameters) - {"pretrained"}
+    unknown = sorted(set(kwargs) - takes)
+    if unknown:
+        raise UsageError(
+            f"--model-kwargs: {builder.__name__} has no argument {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(sorted(takes))}"
+        )
+
+
 def resolve_train_args(
     argv: Optional[Sequence[str]] = None,
     env: Optional[DistEnv] = None,
@@ -300,6 +316,8 @@ def resolve_train_args(
         raise UsageError(f"--num-queries must be >= 1, got {args.num_queries}")
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
         raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    if args.model_kwargs and args.model in ("tiny", "swin-b"):
+        _check_model_kwargs(args.model, args.model_kwargs)
 
     # Global batch = world size x accumulation x per-process micro-batch, exactly.
     world = env.world_size

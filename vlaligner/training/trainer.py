@@ -75,9 +75,11 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         kwargs["kernel_size"] = args.kernel_size
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
-    if args.model == "swin-b":
-        return build_eavl_swin_b(pretrained=args.pretrained, **kwargs)
-    return build_eavl_tiny(pretrained=args.pretrained, **kwargs)
+    builder = build_eavl_swin_b if args.model == "swin-b" else build_eavl_tiny
+    try:
+        return builder(pretrained=args.pretrained, **kwargs)
+    except ValueError as err:  # the builders' own checks of their arguments, as one line
+        raise UsageError(f"--model {args.model}: cannot build the model with these arguments: {err}") from None
 
 
 def make_datasets(args: argparse.Namespace, model, data_root: Path):
@@ -390,8 +392,7 @@ class Trainer:
                        time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.manifest.add("metrics.jsonl")
             append_jsonl(self.out / "metrics.jsonl", row)
-            keys = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9", "gIoU-single", "gIoU-multi") if self.generalized else (
-                "oIoU", "mIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9")
+            keys = GRES_KEYS if self.generalized else ("oIoU", "mIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9")
             LOG.info(
                 "eval %s at step %d: %s (%d samples, %.1f s)%s", self.args.val_split, self.step,
                 " ".join(f"{k} {metrics[k]:.2f}" for k in keys), metrics.get("num_samples", 0),
