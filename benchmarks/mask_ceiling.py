@@ -15,6 +15,12 @@ percent, exactly as the evaluation scores a model)::
 
 It says whether blob-shaped masks are the grid's fault (the ceiling is low) or the model's
 (the ceiling is high and the model is far below it).
+
+``--sampling nearest`` adds the ceiling of CRIS's training target: the mask resized to the grid
+by nearest sampling (each cell's top-left pixel), which is what a model trained with
+``mask_bce_loss(upsample_logits=False)`` learns to reproduce::
+
+    python benchmarks/mask_ceiling.py --strides 4 --sampling area nearest
 """
 
 from __future__ import annotations
@@ -31,13 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-def stride_reconstruction(masks: torch.Tensor, stride: int) -> torch.Tensor:
+SAMPLINGS = ("area", "nearest")
+
+
+def stride_reconstruction(masks: torch.Tensor, stride: int, sampling: str = "area") -> torch.Tensor:
     """The best mask a stride-``stride`` grid can give: ``masks`` area-averaged to the grid,
     upsampled back bilinearly (as the evaluation upsamples logits), thresholded at 0.5.
 
     Args:
         masks: ``(b h w)`` ground truth (bool or 0/1 float); ``h`` and ``w`` multiples of ``stride``.
         stride: the grid's stride (1 gives the masks back).
+        sampling: ``"area"`` (the ceiling) or ``"nearest"``: the grid holds the mask resized
+            with nearest sampling (``F.interpolate(mode="nearest")``: each cell's top-left
+            pixel), the training target of CRIS's loss.
 
     Returns:
         ``(b h w)`` bool.
@@ -46,17 +58,23 @@ def stride_reconstruction(masks: torch.Tensor, stride: int) -> torch.Tensor:
         raise ValueError(f"masks must have shape (b h w), got {tuple(masks.shape)}")
     if stride < 1 or masks.shape[-1] % stride or masks.shape[-2] % stride:
         raise ValueError(f"the mask sides {tuple(masks.shape[-2:])} must be multiples of stride {stride}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     truth = (masks.float() > 0.5)[:, None].float()
-    low = F.avg_pool2d(truth, stride)
+    if sampling == "area":
+        low = F.avg_pool2d(truth, stride)
+    else:
+        low = F.interpolate(truth, size=(truth.shape[-2] // stride, truth.shape[-1] // stride), mode="nearest")
     return F.interpolate(low, size=truth.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0.5
 
 
-def stride_ceiling_iou(masks: torch.Tensor, stride: int) -> torch.Tensor:
+def stride_ceiling_iou(masks: torch.Tensor, stride: int, sampling: str = "area") -> torch.Tensor:
     """Per-mask IoU ``(b)`` of :func:`stride_reconstruction` against the masks themselves
     (:mod:`vlaligner.metrics`' convention: an empty mask rebuilt empty counts 1)."""
     from vlaligner.metrics import intersection_union, iou_from_counts
 
-    return iou_from_counts(*intersection_union(stride_reconstruction(masks, stride), masks.float() > 0.5))
+    rebuilt = stride_reconstruction(masks, stride, sampling)
+    return iou_from_counts(*intersection_union(rebuilt, masks.float() > 0.5))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--img-size", type=int, default=128, help="input side the masks are resized to")
     p.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--sampling", nargs="+", choices=SAMPLINGS, default=["area"],
+                   help="how the mask reaches the grid: area (the ceiling) and/or nearest (CRIS's training target)")
     p.add_argument("--synthetic-images", type=int, default=800)
     args = p.parse_args(argv)
     if any(args.img_size % s for s in args.strides):
@@ -92,9 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("| stride | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     truth = stack > 0.5
-    for stride in args.strides:
-        row = ris_metrics(stride_reconstruction(stack, stride), truth)
-        print(f"| {stride} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
+    for sampling in args.sampling:
+        for stride in args.strides:
+            row = ris_metrics(stride_reconstruction(stack, stride, sampling), truth)
+            label = str(stride) if sampling == "area" else f"{stride} ({sampling})"
+            print(f"| {label} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
     return 0
 
 

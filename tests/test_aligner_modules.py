@@ -15,7 +15,8 @@ from vlaligner import (
     MultiQueryGenerator,
     VisionLanguageAligner,
 )
-from vlaligner.losses import mask_bce_loss
+from vlaligner.layers import UpProjection
+from vlaligner.losses import mask_bce_loss, soft_dice_loss
 
 CHANNELS = (6, 8, 10)
 
@@ -342,6 +343,41 @@ def test_mask_bce_loss_resizes_target_and_validates():
         mask_bce_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="batch sizes must match"):
         mask_bce_loss(logits, torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="batch sizes must match"):
+        mask_bce_loss(logits, torch.zeros(3, 4, 4), upsample_logits=True)
+    with pytest.raises(ValueError, match=r"target must have shape \(b H W\) or \(b 1 H W\)"):
+        mask_bce_loss(logits, torch.zeros(2, 2, 16, 16), upsample_logits=True)
+
+
+def test_upsampled_loss_is_the_loss_of_the_bilinear_logits():
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 1, 8, 8), torch.rand(3, 32, 32) > 0.7
+    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(
+        mask_bce_loss(logits, target, upsample_logits=True),
+        F.binary_cross_entropy_with_logits(up, target[:, None].float()),
+    )
+    prob, t = torch.sigmoid(up).flatten(1), target.float().flatten(1)
+    dice = 1 - ((2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)).mean()
+    torch.testing.assert_close(soft_dice_loss(logits, target, upsample_logits=True), dice)
+
+
+def test_the_nearest_target_prefers_masks_half_a_cell_off_and_the_upsampled_loss_does_not():
+    # A square object at input resolution; the stride-4 logits of two candidate masks: the
+    # cell-centred one (area average, where the evaluation's bilinear upsampling reads a cell)
+    # and the one nearest downsampling teaches (each cell's top-left pixel).
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 6:19, 9:22] = 1
+    centred = 12 * (F.avg_pool2d(target, 4) - 0.5)
+    top_left = 12 * (F.interpolate(target, size=(8, 8), mode="nearest") - 0.5)
+    assert mask_bce_loss(top_left, target) < mask_bce_loss(centred, target)
+    assert mask_bce_loss(centred, target, upsample_logits=True) < mask_bce_loss(top_left, target, upsample_logits=True)
+
+    def iou(logits):  # as the evaluation reads logits
+        pred = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False) > 0
+        return ((pred & (target > 0)).sum() / (pred | (target > 0)).sum()).item()
+
+    assert iou(centred) > iou(top_left) + 0.1
 
 
 def test_torch_compile_matches_eager():
@@ -366,3 +402,80 @@ def test_aligner_cuda_matches_cpu(dtype):
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(got.logits.float().cpu(), expected.logits, rtol=tol, atol=tol)
     torch.testing.assert_close(got.query_masks.float().cpu(), expected.query_masks, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- up-projection skips
+def test_up_projection_skips_equal_the_written_out_rounds():
+    torch.manual_seed(0)
+    up = UpProjection(in_channels=8, num_upsamples=2, hidden_channels=(6, 4), out_channels=3, skip_channels=(5, None))
+    up.eval()
+    x, skip = torch.randn(2, 8, 3, 4), torch.randn(2, 5, 6, 8)
+    with torch.no_grad():
+        out = up(x, [skip, None])
+        # the plain rounds: upsample, add the projected skip gated by the upsampled features,
+        # 3x3 conv; upsample, 3x3 conv; 1x1
+        u = up.layers[0](x)
+        gate = up.skip_projections[0]
+        h = up.layers[1](u + torch.sigmoid(gate.gate(u)) * gate.proj(skip))
+        expected = up.layers[4](up.layers[3](up.layers[2](h)))
+    assert out.shape == (2, 3, 12, 16)
+    torch.testing.assert_close(out, expected)
+    with torch.no_grad():  # the skip is used: another skip map gives other features
+        assert not torch.allclose(up(x, [torch.randn(2, 5, 6, 8), None]), out)
+
+
+def test_up_projection_without_skips_keeps_its_tensors_and_refuses_skips():
+    plain = UpProjection(in_channels=8, num_upsamples=2)
+    assert plain.skip_projections is None and plain.skip_channels is None
+    assert not any("skip" in name for name, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match="built without skip_channels"):
+        plain(torch.randn(1, 8, 2, 2), [torch.randn(1, 4, 4, 4), None])
+
+
+@pytest.mark.parametrize(
+    "skips, message",
+    [
+        (None, r"one skip map per round \(skip_channels \[5, 7\]\), got None"),
+        ("one", r"got 1 entries"),
+        ("tensor", "got a tensor"),
+        ("channels", r"skips\[0\] must have shape \(2, 5, 6, 8\) for features \(2, 8, 3, 4\), got \(2, 4, 6, 8\)"),
+        ("size", r"skips\[1\] must have shape \(2, 7, 12, 16\) for features \(2, 8, 3, 4\), got \(2, 7, 6, 8\)"),
+        ("batch", r"skips\[0\] must have shape \(2, 5, 6, 8\)"),
+    ],
+)
+def test_up_projection_rejects_bad_skips(skips, message):
+    up = UpProjection(in_channels=8, num_upsamples=2, skip_channels=(5, 7))
+    x = torch.randn(2, 8, 3, 4)
+    good = [torch.randn(2, 5, 6, 8), torch.randn(2, 7, 12, 16)]
+    bad = {
+        None: None,
+        "one": good[:1],
+        "tensor": good[0],
+        "channels": [torch.randn(2, 4, 6, 8), good[1]],
+        "size": [good[0], torch.randn(2, 7, 6, 8)],
+        "batch": [torch.randn(1, 5, 6, 8), good[1]],
+    }[skips]
+    with pytest.raises(ValueError, match=message):
+        up(x, bad)
+    with pytest.raises(ValueError, match="one positive width or None per upsampling round"):
+        UpProjection(in_channels=8, num_upsamples=2, skip_channels=(5,))
+
+
+def test_aligner_and_fixed_head_with_skips_train_every_parameter():
+    torch.manual_seed(0)
+    aligner = VisionLanguageAligner(
+        in_channels=8, query_dim=16, num_upsamples=2, hidden_channels=(8, 8), mask_channels=4, skip_channels=(6, 3)
+    )
+    fixed = FixedKernelHead(in_channels=8, num_upsamples=2, mask_channels=4, skip_channels=(6, 3))
+    assert aligner.skip_channels == (6, 3) == fixed.skip_channels
+    feats, queries = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 16)
+    skips = [torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)]
+    out = aligner(feats, queries, return_query_masks=True, skips=skips)
+    assert out.logits.shape == (2, 1, 16, 16) and out.query_masks.shape == (2, 5, 16, 16)
+    # the fused kernel still equals the score-weighted sum of the query masks
+    torch.testing.assert_close(
+        out.logits[:, 0], (out.query_scores[:, :, None, None] * out.query_masks).sum(1), atol=1e-5, rtol=1e-5
+    )
+    assert_every_parameter_gets_gradient(aligner, mask_bce_loss(out.logits, torch.zeros(2, 16, 16)))
+    out = fixed(feats, queries, skips=skips)
+    assert_every_parameter_gets_gradient(fixed, mask_bce_loss(out.logits, torch.zeros(2, 16, 16)))

@@ -27,6 +27,20 @@ def test_ceiling_on_hand_made_masks(load_benchmark):
     assert bench.stride_ceiling_iou(masks, 16)[3] == 0.0
 
 
+def test_the_nearest_target_sits_half_a_cell_off(load_benchmark):
+    bench = load_benchmark("mask_ceiling")
+    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+    masks[0, 6:19, 9:22] = True  # not aligned with the stride-4 cells
+    area = bench.stride_ceiling_iou(masks, 4)[0].item()
+    nearest = bench.stride_ceiling_iou(masks, 4, "nearest")[0].item()
+    assert area > 0.85 and nearest < area - 0.1
+    # each cell holds its top-left pixel but is read at its centre: the mask lands below and right
+    rebuilt = bench.stride_reconstruction(masks, 4, "nearest")[0].nonzero().float().mean(0)
+    assert (rebuilt > masks[0].nonzero().float().mean(0) + 1.0).all()
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        bench.stride_reconstruction(masks, 4, "bicubic")
+
+
 def test_ceiling_rejects_sides_that_are_not_multiples_of_the_stride(load_benchmark):
     bench = load_benchmark("mask_ceiling")
     with pytest.raises(ValueError, match=r"\(10, 16\) must be multiples of stride 4"):
@@ -46,3 +60,15 @@ def test_command_prints_one_row_per_stride(load_benchmark, tmp_path, capsys):
     assert float(stride16[1]) < 100.0
     with pytest.raises(SystemExit):
         bench.main(["--data-root", str(root), "--img-size", "64", "--strides", "3"])
+
+
+def test_bench_loss_times_both_ways(load_benchmark, capsys):
+    bench = load_benchmark("bench_loss")
+    assert bench.main(["--rounds", "1", "--steps", "1", "--img-size", "64", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "loss taken" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["on the logits' grid (nearest target)", "at the input size"]
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
+    assert "ratio (input size / logits' grid):" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])

@@ -65,6 +65,19 @@ def test_onnxruntime_matches_pytorch(tiny, exported, batch, length):
         assert not np.allclose(got["mask_logits"][0], got["mask_logits"][1])
 
 
+def test_a_model_with_mask_skips_exports_and_matches(tmp_path):
+    from vlaligner.models import build_eavl_tiny
+
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=IMG, num_queries=4, mask_skips=True).eval()
+    path = export_onnx(model, tmp_path / "skips.onnx")
+    image, input_ids, attention_mask = example_inputs(model, batch_size=2, seed=0)
+    got = run_onnx(onnx_session(path, threads=1), image, input_ids, attention_mask)
+    with torch.no_grad():
+        want = model(image, input_ids, attention_mask).logits.numpy()
+    np.testing.assert_allclose(got["mask_logits"], want, atol=ONNX_TOLERANCE, rtol=0)
+
+
 def test_check_export_matches_detects_another_model(tiny, exported):
     assert check_export_matches(tiny, exported, batch_sizes=(2,), lengths=(9,)) <= ONNX_TOLERANCE
     from vlaligner.models import build_eavl_tiny

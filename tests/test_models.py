@@ -129,7 +129,8 @@ def test_swin_t_with_tiny_bert_forward_backward():
 def test_backbone_maps_are_channels_first_at_strides_8_16_32():
     model = build_eavl_tiny(**SMALL_SWIN).eval()
     with torch.no_grad():
-        feats, global_vision = model.image_encoder(torch.randn(1, 3, 224, 288))
+        feats, global_vision, details = model.image_encoder(torch.randn(1, 3, 224, 288))
+        assert details == []
     assert [tuple(f.shape) for f in feats] == [(1, 64, 28, 36), (1, 128, 14, 18), (1, 256, 7, 9)]
     assert global_vision.shape == (1, 256)
 
@@ -141,7 +142,7 @@ def test_grid_stride_8_puts_the_decoder_grid_one_octave_finer():
     fine = build_eavl_tiny(img_size=64, num_queries=4, grid_stride=8).train()
     assert fine.config["kwargs"]["grid_stride"] == 8
     with torch.no_grad():
-        feats, global_vision = fine.image_encoder(torch.randn(1, 3, 64, 96))
+        feats, global_vision, _ = fine.image_encoder(torch.randn(1, 3, 64, 96))
     # ConvNeXt stages 1-3 at strides 4, 8, 16; its last stage is not built
     assert [tuple(f.shape) for f in feats] == [(1, 32, 16, 24), (1, 64, 8, 12), (1, 128, 4, 6)]
     assert global_vision.shape == (1, 128)
@@ -593,3 +594,49 @@ def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
     # its own layout loads by name
     torch.save(backbone.state_dict(), tmp_path / "own.pth")
     assert load_backbone_weights(backbone, tmp_path / "own.pth") == {"loaded": len(backbone.state_dict()), "dropped": 0}
+
+
+# ---------------------------------------------------------------- mask skips
+@pytest.mark.parametrize("grid_stride, detail", [(16, 1), (8, 0)])
+def test_mask_skips_feed_each_upsampling_round_its_backbone_map(grid_stride, detail):
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=64, num_queries=4, grid_stride=grid_stride, mask_skips=True).train()
+    assert model.config["kwargs"]["mask_skips"] is True
+    images, ids, mask = batch(model, size=(64, 96))
+    feats, _, details = model.image_encoder(images)
+    assert len(details) == detail
+    if detail:  # ConvNeXt's first stage, at stride 4
+        assert tuple(details[0].shape) == (2, 32, 16, 24)
+    rounds = model.head.mask_generator.projection.num_upsamples
+    assert len(model.head.skip_channels) == rounds
+    out = model(images, ids, mask)
+    assert out.logits.shape == (2, 1, 16, 24)
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(out.logits, torch.zeros(2, 64, 96)))
+
+
+def test_mask_skips_reuse_an_encoding_and_round_trip_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=64, num_queries=4, mask_skips=True, up_channels=(32, 16)).eval()
+    images, _, _ = batch(model, b=1, size=(64, 64))
+    ids, mask = model.tokenize(["the red circle", "a small blue square"])
+    with torch.no_grad():
+        direct = model(images.expand(2, -1, -1, -1), ids, mask).logits
+        reused = model.forward_features(model.encode_image(images).expand(2), ids, mask).logits
+    torch.testing.assert_close(reused, direct)
+    model.save_pretrained(tmp_path / "m")
+    loaded = EAVL.from_pretrained(tmp_path / "m").eval()
+    assert loaded.head.skip_channels == model.head.skip_channels
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images.expand(2, -1, -1, -1), ids, mask).logits, direct)
+
+
+def test_a_head_whose_skips_do_not_fit_the_encoder_is_refused():
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=64, num_queries=4, mask_skips=True)
+    wrong = VisionLanguageAligner(in_channels=128, query_dim=128, num_upsamples=2, skip_channels=(64, 16))
+    with pytest.raises(ValueError, match=r"skip_channels \[64, 16\] do not fit the image encoder: .*\[64, 32\]"):
+        EAVL(
+            image_encoder=model.image_encoder, text_encoder=model.text_encoder, neck=model.neck,
+            query_generator=model.query_generator, decoder=model.decoder, head=wrong,
+            tokenizer=model.tokenizer, img_size=64,
+        )

@@ -27,6 +27,9 @@ def test_each_model_gets_its_recipe():
     small = RECIPES["scratch-small"]
     assert (small.optimizer, small.lr, small.weight_decay, small.warmup_steps, small.clip_grad) == (
         "adamw", 5e-4, 0.01, 200, 1.0)
+    # the from-scratch recipes take the loss where the evaluation reads the masks; the paper's as CRIS
+    assert RECIPES["scratch-small"].upsample_logits and RECIPES["demo"].upsample_logits
+    assert not paper.upsample_logits and not RECIPES["adam-poly"].upsample_logits
 
 
 def test_explicit_fields_override_and_rename_the_recipe():
@@ -57,6 +60,11 @@ def test_command_line_resolves_and_records_the_recipe(tmp_path):
     assert (args.recipe, args.optimizer, args.lr, args.warmup_steps) == ("paper-finetune+custom", "adam", 5e-5, 10)
     with pytest.raises(UsageError, match="lr must be positive"):
         resolve_train_args(["--model", "tiny", "--lr", "0", "--device", "cpu", "--output-dir", str(tmp_path / "c")])
+    args = resolve_train_args(["--model", "tiny", "--no-upsample-logits", "--device", "cpu",
+                               "--output-dir", str(tmp_path / "d")])
+    assert args.recipe == "scratch-small+custom" and args.recipe_fields["upsample_logits"] is False
+    assert "on the logits' grid" in resolve_recipe("tiny", None, {"upsample_logits": False}).describe()
+    assert "at the input size" in resolve_recipe("tiny").describe()
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -132,3 +140,22 @@ def test_rewrite_jsonl_is_atomic_and_keeps_rows(tmp_path):
     assert path.read_text() == "" and not list(tmp_path.glob(".*.tmp"))
     path.write_text(json.dumps({"step": 1}) + "\n" + '{"step": 2, "lo')  # cut by a kill
     assert read_jsonl(path) == [{"step": 1}]
+
+
+def test_evaluating_on_the_other_kind_of_set_uses_that_kind_of_cache(tmp_path):
+    from vlaligner.data.cache import default_cache_dir
+    from vlaligner.training.options import resolve_eval_args
+
+    ckpt = tmp_path / "best"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"")
+    gref_cache = tmp_path / "gref-cache"
+    (ckpt / "training_state.json").write_text(json.dumps(
+        {"args": {"dataset": "grefcoco", "split_by": "unc", "cache_dir": str(gref_cache), "synthetic_images": 40}}
+    ))
+    same = resolve_eval_args(["--checkpoint", str(ckpt), "--device", "cpu"])
+    assert same.dataset == "grefcoco" and same.cache_dir == gref_cache
+    # a generalized checkpoint scored on the classic set must not regenerate its gRefCOCO folder
+    other = resolve_eval_args(["--checkpoint", str(ckpt), "--dataset", "refcoco", "--device", "cpu"])
+    assert other.cache_dir == default_cache_dir(generalized=False) != gref_cache
+    assert other.synthetic_images == 40

@@ -69,6 +69,8 @@ class VisionLanguageAligner(nn.Module):
         mask_channels: channels the kernels act on (default: halved per upsampling round).
         hidden_channels: the up-projection's width after each round (default: halving;
             CRIS's Projector: ``(512, 256)`` with ``mask_channels=256``).
+        skip_channels: channels of a finer map added at each up-projection round, or None per
+            round (a *choice* beyond the paper; :class:`~vlaligner.layers.UpProjection`).
         mask_bias_init: initial bias of each query's mask (a foreground prior, see
             :class:`MultiMaskGenerator`).
         norm_layer: normalisation used in the up-projection.
@@ -85,6 +87,7 @@ class VisionLanguageAligner(nn.Module):
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
         hidden_channels: Optional[Sequence[int]] = None,
+        skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
         aggregation: str = "logits",
         norm_layer: NormLayer = nn.BatchNorm2d,
@@ -96,7 +99,8 @@ class VisionLanguageAligner(nn.Module):
         self.mask_generator = MultiMaskGenerator(
             in_channels=in_channels, query_dim=query_dim, kernel_size=kernel_size,
             num_upsamples=num_upsamples, mask_channels=mask_channels,
-            hidden_channels=hidden_channels, mask_bias_init=mask_bias_init, norm_layer=norm_layer,
+            hidden_channels=hidden_channels, skip_channels=skip_channels,
+            mask_bias_init=mask_bias_init, norm_layer=norm_layer,
         )
         self.estimator = (
             MultiQueryEstimator(query_dim=query_dim, num_heads=num_heads) if use_estimator else None
@@ -106,6 +110,11 @@ class VisionLanguageAligner(nn.Module):
     def use_estimator(self) -> bool:
         return self.estimator is not None
 
+    @property
+    def skip_channels(self) -> Optional[tuple]:
+        """Channels of the skip map each up-projection round takes (None: built without skips)."""
+        return self.mask_generator.skip_channels
+
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """``(b n d)`` queries -> ``(b n)`` weights: the estimator's, or 1/n without it."""
         if self.estimator is not None:
@@ -114,7 +123,11 @@ class VisionLanguageAligner(nn.Module):
         return queries.new_full((b, n), 1.0 / n)
 
     def forward(
-        self, features: torch.Tensor, queries: torch.Tensor, return_query_masks: bool = False
+        self,
+        features: torch.Tensor,
+        queries: torch.Tensor,
+        return_query_masks: bool = False,
+        skips: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> AlignerOutput:
         """Align: per-query kernels, scores, and the fused mask.
 
@@ -122,12 +135,14 @@ class VisionLanguageAligner(nn.Module):
             features: ``(b in_channels h w)``.
             queries: ``(b n query_dim)``.
             return_query_masks: also compute the n per-query masks (for display, Fig. 4).
+            skips: one finer map ``(b skip_channels[i] h*2**(i+1) w*2**(i+1))`` or None per
+                up-projection round; only for an aligner built with ``skip_channels``.
 
         Returns:
             ``AlignerOutput`` with ``logits (b 1 H W)``, ``query_scores (b n)`` and
             ``query_masks (b n H W)`` or None.
         """
-        projected, weight, bias = self.mask_generator.kernels(features, queries)
+        projected, weight, bias = self.mask_generator.kernels(features, queries, skips)
         scores = self.scores(queries)
         if self.aggregation == "probabilities":
             query_masks = dynamic_conv2d(projected, weight, bias)
@@ -154,6 +169,7 @@ class FixedKernelHead(nn.Module):
         num_upsamples: rounds of 2x upsampling before the kernel.
         mask_channels: channels the kernel acts on (default: halved per upsampling round).
         hidden_channels: the up-projection's width after each round (default: halving).
+        skip_channels: as in :class:`VisionLanguageAligner`.
         mask_bias_init: initial bias of the fixed kernel (the same foreground prior).
     """
 
@@ -165,6 +181,7 @@ class FixedKernelHead(nn.Module):
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
         hidden_channels: Optional[Sequence[int]] = None,
+        skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
@@ -174,7 +191,7 @@ class FixedKernelHead(nn.Module):
         self.in_channels = in_channels
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
-            hidden_channels=hidden_channels, norm_layer=norm_layer,
+            hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,
         )
         self.classifier = nn.Conv2d(
             self.projection.out_channels, 1, kernel_size, padding=kernel_size // 2
@@ -183,15 +200,24 @@ class FixedKernelHead(nn.Module):
             with torch.no_grad():
                 self.classifier.bias.fill_(float(mask_bias_init))
 
+    @property
+    def skip_channels(self) -> Optional[tuple]:
+        """Channels of the skip map each up-projection round takes (None: built without skips)."""
+        return self.projection.skip_channels
+
     def forward(
         self,
         features: torch.Tensor,
         queries: Optional[torch.Tensor] = None,
         return_query_masks: bool = False,
+        skips: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> AlignerOutput:
-        """``(b in_channels h w)`` -> ``AlignerOutput(logits (b 1 H W))``; queries are ignored."""
+        """``(b in_channels h w)`` -> ``AlignerOutput(logits (b 1 H W))``; queries are ignored.
+
+        ``skips``: as in :meth:`VisionLanguageAligner.forward`.
+        """
         check_input("features", features, "b c h w", sizes={1: self.in_channels}, module=self)
         if queries is not None:
             check_tensor("queries", queries)
             check_same_batch(features=features, queries=queries)
-        return AlignerOutput(logits=self.classifier(self.projection(features)))
+        return AlignerOutput(logits=self.classifier(self.projection(features, skips)))

@@ -34,6 +34,8 @@ class MultiMaskGenerator(nn.Module):
         mask_channels: channels c the kernels act on; defaults to the last width of the
             up-projection (``in_channels`` halved once per upsampling round).
         hidden_channels: the up-projection's width after each round (default: halving).
+        skip_channels: channels of a finer map added at each round of the up-projection, or
+            None per round (see :class:`~vlaligner.layers.UpProjection`); default: no skips.
         mask_bias_init: initial bias of every query's mask (its logit before any training);
             a negative value is a foreground prior (``log(p / (1 - p))`` for a referred
             object covering a share ``p`` of the pixels) that spares a from-scratch model the
@@ -50,6 +52,7 @@ class MultiMaskGenerator(nn.Module):
         num_upsamples: int = 0,
         mask_channels: Optional[int] = None,
         hidden_channels: Optional[Sequence[int]] = None,
+        skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
@@ -61,7 +64,7 @@ class MultiMaskGenerator(nn.Module):
         self.kernel_size = kernel_size
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
-            hidden_channels=hidden_channels, norm_layer=norm_layer,
+            hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,
         )
         self.mask_channels = self.projection.out_channels
         self.param_proj = nn.Linear(query_dim, self.mask_channels * kernel_size**2 + 1)
@@ -70,14 +73,24 @@ class MultiMaskGenerator(nn.Module):
             with torch.no_grad():  # the last output is the bias b_i of Eq. 12
                 self.param_proj.bias[-1].fill_(self.mask_bias_init)
 
+    @property
+    def skip_channels(self) -> Optional[tuple]:
+        """Channels of the skip map each up-projection round takes (None: built without skips)."""
+        return self.projection.skip_channels
+
     def kernels(
-        self, features: torch.Tensor, queries: torch.Tensor
+        self,
+        features: torch.Tensor,
+        queries: torch.Tensor,
+        skips: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project the features and make the per-query kernels, without convolving.
 
         Args:
             features: ``(b in_channels h w)``.
             queries: ``(b n query_dim)``.
+            skips: one finer map ``(b skip_channels[i] h*2**(i+1) w*2**(i+1))`` (or None) per
+                up-projection round; only for a generator built with ``skip_channels``.
 
         Returns:
             ``projected (b c H' W')``, ``weight (b n c k k)``, ``bias (b n)``.
@@ -85,21 +98,27 @@ class MultiMaskGenerator(nn.Module):
         check_input("features", features, "b c h w", sizes={1: self.in_channels}, module=self)
         check_input("queries", queries, "b n d", sizes={2: self.query_dim}, module=self)
         check_same_batch(features=features, queries=queries)
-        projected = self.projection(features)
+        projected = self.projection(features, skips)
         weight, bias = split_dynamic_params(
             self.param_proj(queries), self.mask_channels, self.kernel_size
         )
         return projected, weight, bias
 
-    def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        queries: torch.Tensor,
+        skips: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    ) -> torch.Tensor:
         """Make one mask per query.
 
         Args:
             features: ``(b in_channels h w)``.
             queries: ``(b n query_dim)``.
+            skips: as in :meth:`kernels`.
 
         Returns:
             ``(b n H' W')`` mask logits, ``H' = h * 2**num_upsamples``.
         """
-        projected, weight, bias = self.kernels(features, queries)
+        projected, weight, bias = self.kernels(features, queries, skips)
         return dynamic_conv2d(projected, weight, bias)

@@ -796,4 +796,5 @@ def _select_features(features: Any, index: torch.Tensor) -> Any:
     return type(features)(
         maps=[m.index_select(0, index) for m in features.maps],
         global_vision=features.global_vision.index_select(0, index),
+        details=[m.index_select(0, index) for m in getattr(features, "details", [])],
     )

@@ -211,6 +211,7 @@ def _assemble(
     aggregation: str = "logits",
     no_target: bool = False,
     grid_stride: int = 16,
+    mask_skips: bool = False,
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -221,14 +222,23 @@ def _assemble(
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the language model's embedding only {vocab}"
         )
-    c2, c3, c4 = (int(c) for c in backbone.feature_info.channels())
+    channels = [int(c) for c in backbone.feature_info.channels()]
+    detail_channels, (c2, c3, c4) = channels[:-3], channels[-3:]
     # The decoder grid sits at the middle map's stride; the pooling on the coarsest map (2x).
     grid = (img_size // grid_stride, img_size // grid_stride)
     coarse = img_size // (2 * grid_stride)
     image_encoder = ImageEncoder(
         backbone=backbone, pool=AttentionPool2d(channels=c4, num_heads=pool_heads, grid_size=(coarse, coarse)),
+        detail_maps=len(detail_channels),
     )
     num_upsamples = GRID_STRIDES[grid_stride]
+    # Each upsampling round takes the backbone map at its stride: the first map, then the finer ones.
+    skip_channels = ([c2] + detail_channels[::-1])[:num_upsamples] if mask_skips else None
+    if skip_channels is not None and len(skip_channels) != num_upsamples:
+        raise ValueError(
+            f"mask_skips needs a backbone map at each of the {num_upsamples} upsampling rounds' strides, "
+            f"the backbone gives {len(skip_channels)}"
+        )
     text_encoder = TextEncoder(
         language_model=language_model, dim=dim, sentence_dim=dim if use_global_text else None
     )
@@ -248,12 +258,13 @@ def _assemble(
         head_module: nn.Module = VisionLanguageAligner(
             in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
             use_estimator=use_estimator, num_upsamples=num_upsamples, mask_channels=mask_channels,
-            hidden_channels=up_channels, mask_bias_init=mask_bias_init, aggregation=aggregation,
+            hidden_channels=up_channels, skip_channels=skip_channels, mask_bias_init=mask_bias_init,
+            aggregation=aggregation,
         )
     else:
         head_module = FixedKernelHead(
             in_channels=dim, kernel_size=kernel_size, num_upsamples=num_upsamples, mask_channels=mask_channels,
-            hidden_channels=up_channels, mask_bias_init=mask_bias_init,
+            hidden_channels=up_channels, skip_channels=skip_channels, mask_bias_init=mask_bias_init,
         )
     no_target_head = (
         NoTargetHead(query_dim=dim, vision_dim=dim, use_mask_stats=True, bias_init=math.log(0.1 / 0.9))
@@ -397,6 +408,7 @@ def build_eavl_tiny(
     aggregation: str = "logits",
     no_target: bool = False,
     grid_stride: int = 16,
+    mask_skips: bool = False,
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
@@ -441,6 +453,11 @@ def build_eavl_tiny(
             32, two upsamplings to the masks) or 8 (maps at 4, 8, 16, the backbone's last stage
             not built, one upsampling): 4x the grid cells, for small inputs whose objects cover
             a few stride-16 cells.
+        mask_skips: add to each upsampling round of the up-projection the backbone map at its
+            stride, projected and gated by the upsampled features (:class:`~vlaligner.layers.SkipGate`;
+            at ``grid_stride=16`` the backbone then also returns its stride-4 stage). A *choice*
+            beyond the paper, for masks with edges the decoder grid cannot hold; measured in
+            docs/training.md (crisper masks, not a higher mIoU at the demo's budget).
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
     if grid_stride not in GRID_STRIDES:
@@ -470,7 +487,8 @@ def build_eavl_tiny(
         text_model_config=dict(text_model_config or {}), decoder_layers=decoder_layers,
         decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, max_length=max_length,
+        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, mask_skips=mask_skips,
+        max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
     if text_model is not None or text_config is not None:
@@ -484,7 +502,8 @@ def build_eavl_tiny(
             {**TINY_BERT_CONFIG, "vocab_size": len(tok), **(text_model_config or {})}
         )
     backbone_module = create_timm_backbone(
-        backbone, pretrained=False, img_size=img_size, strides=_BACKBONE_STRIDES[grid_stride], **backbone_kwargs
+        backbone, pretrained=False, img_size=img_size, strides=_BACKBONE_STRIDES[grid_stride],
+        detail_maps=1 if mask_skips and rounds > 1 else 0, **backbone_kwargs,
     )
     if backbone_weights is not None:
         load_backbone_weights(backbone_module, backbone_weights)
@@ -502,5 +521,5 @@ def build_eavl_tiny(
         aligner_heads=8 if dim % 8 == 0 else 4, max_length=max_length,
         mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
-        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride,
+        aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, mask_skips=mask_skips,
     )

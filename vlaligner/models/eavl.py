@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -97,10 +97,13 @@ class ImageFeatures:
         maps: three maps ``(b c_i h_i w_i)`` at strides 8, 16 and 32 (stage 4 refined by the
             attention pooling).
         global_vision: ``(b c4)`` the global vision feature ``F_g``.
+        details: finer backbone maps for the masks' skips (e.g. ``(b c1 H/4 W/4)``), finest
+            first; empty unless the model was built with ``mask_skips``.
     """
 
     maps: List[torch.Tensor]
     global_vision: torch.Tensor
+    details: List[torch.Tensor] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -113,6 +116,7 @@ class ImageFeatures:
         return ImageFeatures(
             maps=[m.expand(batch_size, -1, -1, -1) for m in self.maps],
             global_vision=self.global_vision.expand(batch_size, -1),
+            details=[m.expand(batch_size, -1, -1, -1) for m in self.details],
         )
 
 
@@ -180,6 +184,18 @@ class EAVL(nn.Module):
             )
         if img_size % INPUT_MULTIPLE:
             raise ValueError(f"img_size must be a multiple of {INPUT_MULTIPLE}, got {img_size}")
+        skip_channels = getattr(head, "skip_channels", None)
+        if skip_channels is not None:
+            # Round i of the up-projection is at the stride of maps[0], then of each detail map.
+            available = (image_encoder.channels[0],) + tuple(reversed(image_encoder.detail_channels))
+            if len(skip_channels) > len(available) or any(
+                c is not None and c != a for c, a in zip(skip_channels, available)
+            ):
+                raise ValueError(
+                    f"the head's skip_channels {list(skip_channels)} do not fit the image encoder: its "
+                    f"maps at the up-projection's strides have channels {list(available)} (the first "
+                    "backbone map, then its detail maps, finest last)"
+                )
         if no_target_head is not None:
             if not isinstance(no_target_head, NoTargetHead):
                 raise TypeError(
@@ -369,8 +385,16 @@ class EAVL(nn.Module):
         )
 
     def _encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        feats, global_vision = self.image_encoder(images)
-        return ImageFeatures(maps=list(feats), global_vision=global_vision)
+        feats, global_vision, details = self.image_encoder(images)
+        return ImageFeatures(maps=list(feats), global_vision=global_vision, details=list(details))
+
+    def _mask_skips(self, image_features: ImageFeatures) -> Optional[List[Optional[torch.Tensor]]]:
+        """The skip map of each up-projection round (coarse to fine), or None without skips."""
+        wanted = getattr(self.head, "skip_channels", None)
+        if wanted is None:
+            return None
+        available = [image_features.maps[0]] + image_features.details[::-1]
+        return [None if c is None else available[i] for i, c in enumerate(wanted)]
 
     def _decode(
         self,
@@ -393,7 +417,9 @@ class EAVL(nn.Module):
             return_attention=True,
         )
         decoded = self.decoder(fused, queries)
-        out = self.head(decoded, queries, return_query_masks=return_query_masks)
+        out = self.head(
+            decoded, queries, return_query_masks=return_query_masks, skips=self._mask_skips(image_features)
+        )
         no_target_logits = None
         if self.no_target_head is not None:
             head = self.no_target_head

@@ -35,6 +35,7 @@ def create_timm_backbone(
     pretrained: bool = False,
     img_size: Optional[int] = None,
     strides: Tuple[int, int, int] = FEATURE_STRIDES,
+    detail_maps: int = 0,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Build ``timm.create_model(name, features_only=True)`` returning three consecutive stages.
@@ -49,6 +50,9 @@ def create_timm_backbone(
     is dropped. Further keyword arguments go to timm unchanged (e.g. ``embed_dim``,
     ``depths``, ``channels``).
 
+    ``detail_maps`` (0 or 1): also return the stage before the three, at half the first
+    stride, first in the list (a finer map for the mask up-projection's skips).
+
     Raises:
         ValueError: ``strides`` is neither (8, 16, 32) nor (4, 8, 16), or the backbone's stages
             are not at those strides.
@@ -58,9 +62,12 @@ def create_timm_backbone(
     strides = tuple(int(s) for s in strides)
     if strides not in (FEATURE_STRIDES, FINE_FEATURE_STRIDES):
         raise ValueError(f"strides must be {FEATURE_STRIDES} or {FINE_FEATURE_STRIDES}, got {strides}")
+    if detail_maps not in (0, 1):
+        raise ValueError(f"detail_maps must be 0 or 1, got {detail_maps!r}")
     # Stages counted from the last: (8, 16, 32) are the last three, (4, 8, 16) one earlier.
     shift = 0 if strides == FEATURE_STRIDES else 1
-    out_indices = tuple(i - shift for i in (-3, -2, -1))
+    out_indices = tuple(i - shift for i in range(-3 - detail_maps, 0))
+    strides = (strides[0] // 2,) * detail_maps + strides
     base = dict(timm_kwargs, pretrained=pretrained, features_only=True, out_indices=out_indices)
     attempts: List[dict] = []
     if img_size is not None:
@@ -82,7 +89,7 @@ def create_timm_backbone(
     reductions = tuple(int(r) for r in model.feature_info.reduction())
     if reductions != strides:
         raise ValueError(
-            f"backbone {name!r}: EAVL needs three stages at strides {strides}, "
+            f"backbone {name!r}: EAVL needs {len(strides)} stages at strides {strides}, "
             f"got strides {reductions}"
         )
     return model
@@ -200,25 +207,35 @@ class AttentionPool2d(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Backbone maps at strides 8/16/32 plus the global vision feature.
+    """Backbone maps at strides 8/16/32 plus the global vision feature (and finer maps).
 
     Shapes: ``images (b 3 H W) -> ([F_v2 (b c2 H/8 W/8), F_v3 (b c3 H/16 W/16),
-    F_v4 (b c4 H/32 W/32)], F_g (b c4))``; ``F_v4`` is the attention pooling's refined map.
+    F_v4 (b c4 H/32 W/32)], F_g (b c4), details)``; ``F_v4`` is the attention pooling's refined
+    map; ``details`` is the list of the ``detail_maps`` finer maps (e.g. ``(b c1 H/4 W/4)``),
+    empty by default. (Strides one octave finer with ``create_timm_backbone(strides=(4, 8, 16))``.)
 
     Args:
-        backbone: a timm ``features_only`` model returning three maps at strides 8, 16, 32
-            (see :func:`create_timm_backbone`); channels-last outputs (timm's Swin returns
+        backbone: a timm ``features_only`` model returning ``detail_maps`` + three maps (see
+            :func:`create_timm_backbone`); channels-last outputs (timm's Swin returns
             ``(b h w c)``) are converted by reading the backbone's ``output_fmt``.
         pool: the attention pooling on the last map.
+        detail_maps: how many of the backbone's first maps are finer maps for the masks.
     """
 
-    def __init__(self, *, backbone: nn.Module, pool: AttentionPool2d) -> None:
+    def __init__(self, *, backbone: nn.Module, pool: AttentionPool2d, detail_maps: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = pool
-        self.channels: Tuple[int, int, int] = tuple(int(c) for c in backbone.feature_info.channels())  # type: ignore[assignment]
-        if len(self.channels) != 3:
-            raise ValueError(f"the backbone must return three maps, it returns {len(self.channels)}")
+        all_channels = tuple(int(c) for c in backbone.feature_info.channels())
+        if len(all_channels) != 3 + detail_maps:
+            raise ValueError(
+                f"the backbone must return {3 + detail_maps} maps ({detail_maps} detail + 3), "
+                f"it returns {len(all_channels)}"
+            )
+        self.detail_maps = int(detail_maps)
+        #: channels of the detail maps, finest first
+        self.detail_channels: Tuple[int, ...] = all_channels[:detail_maps]
+        self.channels: Tuple[int, int, int] = all_channels[detail_maps:]  # type: ignore[assignment]
         if pool.channels != self.channels[-1]:
             raise ValueError(
                 f"pool has {pool.channels} channels, the backbone's last map {self.channels[-1]}"
@@ -226,14 +243,17 @@ class ImageEncoder(nn.Module):
         fmt = getattr(backbone, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
 
-    def forward(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        feats = list(self.backbone(images))
+    def forward(
+        self, images: torch.Tensor
+    ) -> Tuple[List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        maps = list(self.backbone(images))
         if self.channels_last:
-            feats = [rearrange(f, "b h w c -> b c h w") for f in feats]
-        for f, c in zip(feats, self.channels):
+            maps = [rearrange(f, "b h w c -> b c h w") for f in maps]
+        for f, c in zip(maps, self.detail_channels + tuple(self.channels)):
             if f.shape[1] != c:  # a wrong output_fmt would silently mix space and channels
                 raise RuntimeError(f"backbone map has shape {tuple(f.shape)}, expected {c} channels")
+        details, feats = maps[: self.detail_maps], maps[self.detail_maps:]
         global_vision, refined = self.pool(feats[-1])
         feats[-1] = refined
-        return feats, global_vision
+        return feats, global_vision, details
 

@@ -176,6 +176,9 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                    help="recipe field: add this times a soft Dice loss to the BCE (0 = BCE only, as the paper)")
     g.add_argument("--mask-bias-init", type=float, default=None,
                    help="recipe field: initial mask logit of a model built from scratch (foreground prior)")
+    g.add_argument("--upsample-logits", action=argparse.BooleanOptionalAction, default=None,
+                   help="recipe field: take the loss at the input size, the logits upsampled as the evaluation "
+                        "reads them (--no-upsample-logits: on the logits' grid, target resized nearest, as CRIS)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision on GPU (fp16 uses a gradient scaler)")
     g.add_argument("--seed", type=int, default=0)
@@ -455,9 +458,12 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
             raise UsageError(f"unknown --split {split!r} for {args.dataset} ({args.split_by}); expected {', '.join(known)}")
     _check_data_source(args)
     if args.data_root is None:
+        # The training run's synthetic folder only for the same kind of set: a generalized
+        # checkpoint evaluated on --dataset refcoco must not regenerate its gRefCOCO folder.
+        same_kind = (trained.get("dataset") in GENERALIZED) == (args.dataset in GENERALIZED)
         if args.cache_dir is None:
             args.cache_dir = (
-                Path(trained["cache_dir"]) if trained.get("cache_dir")
+                Path(trained["cache_dir"]) if trained.get("cache_dir") and same_kind
                 else default_cache_dir(generalized=args.dataset in GENERALIZED)
             )
         if args.synthetic_images is None:

@@ -47,6 +47,10 @@ class Recipe:
         dice_weight: weight of a soft Dice term added to the BCE (0: BCE only, as the paper).
         mask_bias_init: initial mask logit of a model built from scratch (a foreground prior),
             or None to keep the builder's default. Not applied to ``--init-from`` / ``--resume``.
+        upsample_logits: take the loss at the input size, the stride-4 logits upsampled
+            bilinearly as the evaluation reads them (True), or on the logits' grid with the
+            target resized by nearest sampling, as CRIS (False; half a cell off: see
+            :func:`vlaligner.losses.mask_bce_loss`).
     """
 
     name: str
@@ -58,6 +62,7 @@ class Recipe:
     clip_grad: float = 0.0
     dice_weight: float = 0.0
     mask_bias_init: Optional[float] = None
+    upsample_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw"):
@@ -81,7 +86,8 @@ class Recipe:
         parts.append(f"{self.warmup_steps} warm-up steps" if self.warmup_steps else "no warm-up")
         parts.append(f"poly {self.poly_power:g}")
         parts.append(f"clip {self.clip_grad:g}" if self.clip_grad else "no clipping")
-        parts.append("BCE" + (f" + {self.dice_weight:g} Dice" if self.dice_weight else ""))
+        parts.append("BCE" + (f" + {self.dice_weight:g} Dice" if self.dice_weight else "")
+                     + (" at the input size" if self.upsample_logits else " on the logits' grid"))
         if self.mask_bias_init is not None:
             parts.append(f"mask bias {self.mask_bias_init:g}")
         return f"recipe {self.name}: " + ", ".join(parts)
@@ -92,11 +98,11 @@ RECIPES: Dict[str, Recipe] = {
     "paper-finetune": Recipe(name="paper-finetune", optimizer="adam", lr=5e-5),
     "scratch-small": Recipe(
         name="scratch-small", optimizer="adamw", lr=5e-4, weight_decay=0.01, warmup_steps=200,
-        clip_grad=1.0, mask_bias_init=-2.2,
+        clip_grad=1.0, mask_bias_init=-2.2, upsample_logits=True,
     ),
     "demo": Recipe(
         name="demo", optimizer="adamw", lr=5e-4, weight_decay=0.01, warmup_steps=200,
-        clip_grad=1.0, dice_weight=1.0, mask_bias_init=-2.2,
+        clip_grad=1.0, dice_weight=1.0, mask_bias_init=-2.2, upsample_logits=True,
     ),
     "adam-poly": Recipe(name="adam-poly", optimizer="adam", lr=1e-3),
 }
@@ -105,7 +111,10 @@ RECIPES: Dict[str, Recipe] = {
 DEFAULT_RECIPE: Dict[str, str] = {"swin-b": "paper-finetune", "tiny": "scratch-small"}
 
 #: Recipe fields that have a command-line option of the same name (``--lr``, ``--clip-grad``, ...).
-RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "warmup_steps", "poly_power", "clip_grad", "dice_weight", "mask_bias_init")
+RECIPE_FIELDS = (
+    "optimizer", "lr", "weight_decay", "warmup_steps", "poly_power", "clip_grad", "dice_weight", "mask_bias_init",
+    "upsample_logits",
+)
 
 
 def resolve_recipe(model: str, name: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Recipe:

@@ -453,9 +453,12 @@ class Trainer:
                         if self.generalized:
                             no_target = batch["no_target"].to(self.device)
                             target = mask_targets_for_no_target(target, no_target)
-                        loss = mask_bce_loss(out.logits.float(), target)
+                        upsample = bool(getattr(args, "upsample_logits", False))
+                        loss = mask_bce_loss(out.logits.float(), target, upsample_logits=upsample)
                         if args.dice_weight:
-                            loss = loss + args.dice_weight * soft_dice_loss(out.logits.float(), target)
+                            loss = loss + args.dice_weight * soft_dice_loss(
+                                out.logits.float(), target, upsample_logits=upsample
+                            )
                         if self.generalized and args.no_target_weight:
                             loss = loss + args.no_target_weight * no_target_loss(
                                 out.no_target_logits.float(), no_target, pos_weight=args.no_target_pos_weight
