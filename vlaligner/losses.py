@@ -64,12 +64,7 @@ def _bring_together(
         raise ValueError(f"logits must have shape (b 1 h w), got {tuple(logits.shape)}")
     if upsample_logits:
         check_tensor("target", target)
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        check_rank("target", target, "b 1 H W")
-        if target.shape[1] != 1:
-            raise ValueError(f"target must have shape (b H W) or (b 1 H W), got {tuple(target.shape)}")
-        target = target.float()
+        target = resize_target(target, tuple(target.shape[-2:]))  # checked, (b 1 H W) float, not resized
         logits = logits.float()
         if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
             logits = F.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
