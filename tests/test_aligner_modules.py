@@ -433,17 +433,19 @@ def test_up_projection_without_skips_keeps_its_tensors_and_refuses_skips():
 
 
 @pytest.mark.parametrize(
-    "skips, message",
+    "skips, error, message",
     [
-        (None, r"one skip map per round \(skip_channels \[5, 7\]\), got None"),
-        ("one", r"got 1 entries"),
-        ("tensor", "got a tensor"),
-        ("channels", r"skips\[0\] must have shape \(2, 5, 6, 8\) for features \(2, 8, 3, 4\), got \(2, 4, 6, 8\)"),
-        ("size", r"skips\[1\] must have shape \(2, 7, 12, 16\) for features \(2, 8, 3, 4\), got \(2, 7, 6, 8\)"),
-        ("batch", r"skips\[0\] must have shape \(2, 5, 6, 8\)"),
+        (None, ValueError, r"one skip map per round \(skip_channels \[5, 7\]\), got None"),
+        ("one", ValueError, r"got 1 entries"),
+        ("tensor", ValueError, "got a tensor"),
+        ("list", TypeError, r"skips\[0\] must be a torch.Tensor, got list"),
+        ("channels", ValueError, r"skips\[0\] must have shape \(b c h w\) with c = 5, got shape \(2, 4, 6, 8\)"),
+        ("size", ValueError, r"skips\[1\] must have shape \(b c h w\) with h = 12, got shape \(2, 7, 6, 8\)"),
+        ("batch", ValueError, r"skips\[0\] must have shape \(b c h w\) with b = 2, got shape \(1, 5, 6, 8\)"),
+        ("dtype", TypeError, r"skips\[1\] must have the dtype of features \(torch.float32\)"),
     ],
 )
-def test_up_projection_rejects_bad_skips(skips, message):
+def test_up_projection_rejects_bad_skips(skips, error, message):
     up = UpProjection(in_channels=8, num_upsamples=2, skip_channels=(5, 7))
     x = torch.randn(2, 8, 3, 4)
     good = [torch.randn(2, 5, 6, 8), torch.randn(2, 7, 12, 16)]
@@ -454,8 +456,10 @@ def test_up_projection_rejects_bad_skips(skips, message):
         "channels": [torch.randn(2, 4, 6, 8), good[1]],
         "size": [good[0], torch.randn(2, 7, 6, 8)],
         "batch": [torch.randn(1, 5, 6, 8), good[1]],
+        "list": [[1.0], good[1]],
+        "dtype": [good[0], good[1].double()],
     }[skips]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         up(x, bad)
     with pytest.raises(ValueError, match="one positive width or None per upsampling round"):
         UpProjection(in_channels=8, num_upsamples=2, skip_channels=(5,))

@@ -159,3 +159,16 @@ def test_evaluating_on_the_other_kind_of_set_uses_that_kind_of_cache(tmp_path):
     other = resolve_eval_args(["--checkpoint", str(ckpt), "--dataset", "refcoco", "--device", "cpu"])
     assert other.cache_dir == default_cache_dir(generalized=False) != gref_cache
     assert other.synthetic_images == 40
+
+
+def test_resume_names_every_changed_recipe_field_and_the_loss_of_older_runs(tmp_path):
+    from vlaligner.training.trainer import changed_run_args
+
+    args = resolve_train_args(["--model", "tiny", "--device", "cpu", "--output-dir", str(tmp_path / "a")])
+    saved = {k: v for k, v in vars(args).items() if k in ("model", "recipe", "lr", "dice_weight", "upsample_logits")}
+    assert changed_run_args(saved, args) == []
+    saved.update(lr=1e-3, dice_weight=1.0)
+    assert changed_run_args(saved, args) == [("lr", 5e-4, 1e-3), ("dice_weight", 0.0, 1.0)]
+    # a checkpoint saved before the field existed trained on the logits' grid
+    del saved["upsample_logits"]
+    assert ("upsample_logits", True, False) in changed_run_args(saved, args)

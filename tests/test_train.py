@@ -359,3 +359,22 @@ def test_augmented_flips_are_a_function_of_seed_and_sample(synthetic):
     assert 5 < sum(first) < 35  # about half
     ds.set_augment_seed(6)
     assert [ds._flips(i) for i in range(40)] != first  # another epoch, other flips
+
+
+@pytest.mark.parametrize("flag, expected", [("--upsample-logits", True), ("--no-upsample-logits", False)])
+def test_the_recipe_decides_where_the_loss_is_taken(synthetic, tmp_path, monkeypatch, flag, expected):
+    import vlaligner.training.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.mask_bce_loss
+
+    def spy(logits, target, *, upsample_logits=False):
+        seen.append((upsample_logits, tuple(target.shape[-2:])))
+        return real(logits, target, upsample_logits=upsample_logits)
+
+    monkeypatch.setattr(trainer_module, "mask_bce_loss", spy)
+    assert train_main(_argv(synthetic, tmp_path / "run", "--max-steps", "1", "--epochs", "1", flag)) == 0
+    assert seen and all(up is expected for up, _ in seen)
+    assert all(size == (64, 64) for _, size in seen)  # the target at the input size, either way
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert recorded["upsample_logits"] is expected

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ._validation import check_input
+
 __all__ = ["NormLayer", "conv_norm_act", "UpProjection", "SkipGate", "halving_schedule"]
 
 NormLayer = Callable[[int], nn.Module]
@@ -41,8 +43,9 @@ class UpProjection(nn.Module):
     before the round's 3x3 convolution, gated per pixel and channel by ``u`` itself:
     ``u + sigmoid(W_g u + b_g) * proj(skip)``. The masks then see edges the coarse decoder
     grid cannot hold, where the (language-aware) upsampled features let them through: the
-    backbone's map knows every object, not which one the sentence means (an ungated sum was
-    measured to trade grounding for edges: docs/training.md).
+    backbone's map knows every object, not which one the sentence means. Measured at the demo's
+    budget, the gate did not stop the trade of grounding for edges that an ungated sum showed
+    (docs/training.md, "The target's half-cell shift").
 
     Shapes: ``(b in_channels h w) -> (b out_channels h*2**u w*2**u)``; the skip of round i is
     ``(b skip_channels[i] h*2**(i+1) w*2**(i+1))``.
@@ -138,15 +141,9 @@ class UpProjection(nn.Module):
                     raise ValueError(f"round {i} has no skip (skip_channels[{i}] is None), got a map")
                 out.append(None)
                 continue
-            size = (h * 2 ** (i + 1), w * 2 ** (i + 1))
-            if not isinstance(skip, torch.Tensor) or skip.dim() != 4:
-                raise ValueError(f"skips[{i}] must be a (b c h w) tensor, got {_describe(skip)}")
-            if skip.shape[0] != b or skip.shape[1] != channels or tuple(skip.shape[2:]) != size:
-                raise ValueError(
-                    f"skips[{i}] must have shape ({b}, {channels}, {size[0]}, {size[1]}) for features "
-                    f"{tuple(features.shape)}, got {tuple(skip.shape)}"
-                )
-            out.append(skip)
+            # the round-i map: the skip's channels at 2**(i+1) times the features' side
+            sizes = {0: b, 1: channels, 2: h * 2 ** (i + 1), 3: w * 2 ** (i + 1)}
+            out.append(check_input(f"skips[{i}]", skip, "b c h w", sizes=sizes, like=features, like_name="features"))
         return out
 
 
@@ -166,12 +163,6 @@ class SkipGate(nn.Module):
 
     def forward(self, features: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return features + torch.sigmoid(self.gate(features)) * self.proj(skip)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def halving_schedule(in_channels: int, num_upsamples: int) -> list[int]:

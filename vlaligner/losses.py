@@ -36,8 +36,9 @@ def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, upsample_logits
       with nearest sampling. Nearest downsampling by 4 reads the *top-left* pixel of each
       4 x 4 cell, while the evaluation (bilinear upsampling, ``align_corners=False``) places a
       logit at the cell's *centre*: a mask learned this way lands 1.5 input pixels below and
-      right of the object. On small objects this caps the IoU (measured on the synthetic set at
-      128 px: a model that learned this target perfectly scores 70.8 mIoU, Pr@0.9 0.0;
+      right of the object. On small objects this caps the IoU (the synthetic set at 128 px: a
+      model that learned this target perfectly scores 70.1 mIoU, Pr@0.9 0.0, by
+      ``python benchmarks/mask_ceiling.py --strides 4 --sampling area nearest``;
       docs/training.md, "The target's half-cell shift").
     - ``upsample_logits=True`` (LAVT's): the logits are upsampled bilinearly
       (``align_corners=False``) to the target's size, exactly as the evaluation reads them,

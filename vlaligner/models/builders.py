@@ -232,8 +232,8 @@ def _assemble(
         detail_maps=len(detail_channels),
     )
     num_upsamples = GRID_STRIDES[grid_stride]
-    # Each upsampling round takes the backbone map at its stride: the first map, then the finer ones.
-    skip_channels = ([c2] + detail_channels[::-1])[:num_upsamples] if mask_skips else None
+    # Each upsampling round takes the backbone map at its stride.
+    skip_channels = list(image_encoder.skip_channels[:num_upsamples]) if mask_skips else None
     if skip_channels is not None and len(skip_channels) != num_upsamples:
         raise ValueError(
             f"mask_skips needs a backbone map at each of the {num_upsamples} upsampling rounds' strides, "

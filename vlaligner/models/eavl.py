@@ -186,8 +186,7 @@ class EAVL(nn.Module):
             raise ValueError(f"img_size must be a multiple of {INPUT_MULTIPLE}, got {img_size}")
         skip_channels = getattr(head, "skip_channels", None)
         if skip_channels is not None:
-            # Round i of the up-projection is at the stride of maps[0], then of each detail map.
-            available = (image_encoder.channels[0],) + tuple(reversed(image_encoder.detail_channels))
+            available = image_encoder.skip_channels
             if len(skip_channels) > len(available) or any(
                 c is not None and c != a for c, a in zip(skip_channels, available)
             ):
@@ -393,6 +392,7 @@ class EAVL(nn.Module):
         wanted = getattr(self.head, "skip_channels", None)
         if wanted is None:
             return None
+        # the order of ImageEncoder.skip_channels: the first map, then the detail maps, finest last
         available = [image_features.maps[0]] + image_features.details[::-1]
         return [None if c is None else available[i] for i, c in enumerate(wanted)]
 

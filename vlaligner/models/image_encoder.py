@@ -240,6 +240,9 @@ class ImageEncoder(nn.Module):
             raise ValueError(
                 f"pool has {pool.channels} channels, the backbone's last map {self.channels[-1]}"
             )
+        #: channels of the maps at the strides of the mask up-projection's rounds, coarse to fine:
+        #: the first of the three maps (half the decoder grid's stride), then the detail maps
+        self.skip_channels: Tuple[int, ...] = (self.channels[0],) + tuple(reversed(self.detail_channels))
         fmt = getattr(backbone, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
 

@@ -145,6 +145,34 @@ def _tensorboard(output_dir: Path):
     return SummaryWriter(str(output_dir / "tb"))
 
 
+#: Options whose change on --resume is worth a warning: the run's identity and its recipe.
+RESUME_CHECKED = ("batch_size", "model", "dataset", "seed", "img_size", "recipe") + RECIPE_FIELDS
+#: Recipe fields added after runs were saved without them: the value those runs trained with.
+_FIELD_DEFAULTS_OF_OLDER_RUNS = {"upsample_logits": False}
+
+
+def changed_run_args(saved_args: Dict[str, Any], args: argparse.Namespace) -> list:
+    """``[(key, now, saved)]`` for the :data:`RESUME_CHECKED` options that differ from a checkpoint's.
+
+    A recipe field the checkpoint predates counts as its older value (a run saved before
+    ``upsample_logits`` existed trained with it off, and ``scratch-small`` now turns it on).
+    """
+    out = []
+    for key in RESUME_CHECKED:
+        if not hasattr(args, key):
+            continue
+        if key in saved_args:
+            saved = saved_args[key]
+        elif key in _FIELD_DEFAULTS_OF_OLDER_RUNS:
+            saved = _FIELD_DEFAULTS_OF_OLDER_RUNS[key]
+        else:
+            continue
+        now = jsonable(getattr(args, key))
+        if saved != now:
+            out.append((key, now, saved))
+    return out
+
+
 class Trainer:
     """One training run: owns the model, optimizer, schedule, loaders and output files."""
 
@@ -316,10 +344,8 @@ class Trainer:
                 len(rng), env.world_size,
             )
             seed_everything(args.seed + env.rank + self.step)
-        saved_args = state.get("args", {})
-        for key in ("batch_size", "lr", "model", "dataset", "seed", "img_size", "recipe"):
-            if key in saved_args and saved_args[key] != jsonable(getattr(args, key)):
-                LOG.warning("--%s differs from the checkpoint's (%r vs %r)", key.replace("_", "-"), getattr(args, key), saved_args[key])
+        for key, now, saved in changed_run_args(state.get("args", {}), args):
+            LOG.warning("--%s differs from the checkpoint's (%r vs %r)", key.replace("_", "-"), now, saved)
         if env.is_main:
             for name in ("losses.jsonl", "metrics.jsonl"):
                 path = self.out / name
