@@ -194,6 +194,8 @@ EAVL_CASES = [
     ("eavl-channels-last", lambda m: m(x(1, 64, 64, 3), *_ids()), ValueError, r"images must have shape \(b 3 H W\)"),
     ("eavl-float-ids", lambda m: m(x(1, 3, 64, 64), _ids()[0].float(), _ids()[1]), TypeError, r"input_ids must be an integer tensor, got dtype torch.float32"),
     ("eavl-float-mask", lambda m: m(x(1, 3, 64, 64), _ids()[0], _ids()[1].float()), TypeError, r"attention_mask must be an integer or bool tensor .*torch.float32"),
+    ("eavl-ids-outside-vocabulary", lambda m: m(x(1, 3, 64, 64), torch.full((1, 6), 10**6), _ids()[1]), ValueError, r"input_ids must be token ids in \[0, \d+\) .*got values in \[1000000, 1000000\]"),
+    ("eavl-negative-ids", lambda m: m(x(1, 3, 64, 64), -_ids()[0], _ids()[1]), ValueError, r"input_ids must be token ids in \[0, \d+\)"),
     ("eavl-zero-tokens", lambda m: m(x(1, 3, 64, 64), *_ids(l=0)), ValueError, r"input_ids .*l = 0"),
     ("eavl-images-other-device", lambda m: m(x(1, 3, 64, 64, device="meta"), *_ids()), ValueError, r"images must be on the device of the model's weights \(cpu\)"),
     ("eavl-ids-other-device", lambda m: m(x(1, 3, 64, 64), _ids()[0].to("meta"), _ids()[1]), ValueError, r"input_ids must be on the model's device \(cpu\)"),

@@ -378,3 +378,32 @@ def test_the_recipe_decides_where_the_loss_is_taken(synthetic, tmp_path, monkeyp
     assert all(size == (64, 64) for _, size in seen)  # the target at the input size, either way
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert recorded["upsample_logits"] is expected
+
+
+def test_channels_last_is_the_same_training_in_another_layout(synthetic, tmp_path, monkeypatch):
+    """On CPU the default keeps the model channels-last; the losses and weights match the plain layout."""
+    import vlaligner.training.trainer as trainer_module
+
+    layouts = []
+    real = trainer_module.Trainer._images
+
+    def spy(self, images):
+        out = real(self, images)
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "_images", spy)
+    runs = {}
+    for name, flags in (("default", ()), ("plain", ("--no-channels-last",))):
+        layouts.clear()
+        out = tmp_path / name
+        assert train_main(_argv(synthetic, out, "--max-steps", "3", "--epochs", "1", "--seed", "3", *flags)) == 0
+        recorded = json.loads((out / "run_config.json").read_text())
+        runs[name] = (layouts[:], recorded["channels_last"], [r["loss"] for r in _rows(out / "losses.jsonl")],
+                      load_file(str(out / "last" / "model.safetensors")))
+    assert runs["default"][1] is True and all(runs["default"][0]) and len(runs["default"][0]) == 3
+    assert runs["plain"][1] is False and not any(runs["plain"][0])
+    assert runs["default"][2] == pytest.approx(runs["plain"][2], rel=1e-4)
+    # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3).
+    for key, value in runs["plain"][3].items():
+        torch.testing.assert_close(runs["default"][3][key], value, rtol=0, atol=3e-3, msg=key)

@@ -63,6 +63,16 @@ class TextEncoder(nn.Module):
             ``words (b l d)`` (values at padding are meaningless and masked downstream) and
             ``sentence (b sentence_dim)`` from the [CLS] token, or None without ``F_s``.
         """
+        embeddings = self.language_model.get_input_embeddings() if hasattr(
+            self.language_model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        if vocab is not None and input_ids.numel() and not input_ids.is_floating_point():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {vocab}) for this text model's vocabulary, got "
+                    f"values in [{low}, {high}]: were they made by another tokenizer? (use model.tokenize)"
+                )
         hidden = self.language_model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state

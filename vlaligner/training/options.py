@@ -192,6 +192,10 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--save-every-minutes", type=float, default=10.0,
                    help="also save last/ when this many minutes passed since the last save (0: off; default 10)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: worth it for long runs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep convolution weights and images channels-last (default: on CPU, where a "
+                        "ResNet tiny model's step took 0.90x the CPU time, benchmarks/bench_layout.py; "
+                        "off on GPU, not measured there)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="per-process evaluation batch")
     g.add_argument("--best-metric", choices=("mIoU", "oIoU", "gIoU", "cIoU"), default=None,
                    help="validation metric that picks best/ (default mIoU; gIoU on grefcoco)")

@@ -241,6 +241,11 @@ class Trainer:
                 "and pretrained BERT-base: pass --pretrained (weights from the local timm / Hugging Face caches)"
             )
         self.model = model.to(self.device)
+        if getattr(args, "channels_last", None) is None:
+            args.channels_last = self.device.type == "cpu"
+        if args.channels_last:
+            # Same numbers, another layout: oneDNN's convolutions run faster on NHWC (docs/training.md).
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.forward_model: nn.Module = torch.compile(self.model) if args.compile else self.model
         self.train_set, self.val_set = make_datasets(args, model, self.data_root)
         if len(self.train_set) < args.batch_size:
@@ -438,6 +443,11 @@ class Trainer:
             self.save("best")
         return metrics
 
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(b 3 S S)`` images on the run's device, channels-last when the model is."""
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.args.channels_last else images
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
         args, env = self.args, self.env
@@ -471,7 +481,7 @@ class Trainer:
                     with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                             out = self.ddp(
-                                batch["image"].to(self.device, non_blocking=True),
+                                self._images(batch["image"]),
                                 batch["input_ids"].to(self.device, non_blocking=True),
                                 batch["attention_mask"].to(self.device, non_blocking=True),
                             )
