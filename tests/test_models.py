@@ -323,12 +323,22 @@ def test_tiny_builder_defaults_and_config():
     assert (model.img_size, model.num_queries, model.max_length) == (160, 8, 17)
     assert model.image_encoder.channels == (64, 128, 256)
     assert len(model.decoder.layers) == 2
-    # the kernels act on 64 channels at stride 4, after two rounds at width 128
+    # the kernels act on 64 channels at stride 4, after rounds at widths 128 and 64
     generator = model.head.mask_generator
-    assert generator.mask_channels == 64 and generator.projection.hidden_channels == (128, 128)
+    assert generator.mask_channels == 64 and generator.projection.hidden_channels == (128, 64)
     assert generator.param_proj.bias[-1].item() == pytest.approx(-2.2)  # the foreground prior
     assert model.text_encoder.language_model.config.hidden_size == 128
-    assert 4.5e6 < sum(p.numel() for p in model.parameters()) < 5.0e6
+    # ResNet-18 at half width (BatchNorm), CRIS's 1x1 neck fusions
+    assert model.config["kwargs"]["backbone"] == "resnet18"
+    assert model.config["kwargs"]["backbone_kwargs"] == {"channels": [32, 64, 128, 256], "stem_width": 32}
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.image_encoder.modules())
+    assert model.config["kwargs"]["neck_fuse_kernel_size"] == 1
+    assert 5.3e6 < sum(p.numel() for p in model.parameters()) < 5.5e6
+    # the former default (and the demo's backbone) by name: ConvNeXt at the tiny widths
+    convnext = build_eavl_tiny(backbone="convnext_atto")
+    assert convnext.config["kwargs"]["backbone_kwargs"] == {"dims": [32, 64, 128, 256], "depths": [1, 1, 2, 1]}
+    assert convnext.image_encoder.channels == (64, 128, 256)
+    assert build_eavl_tiny(grid_stride=8).head.mask_generator.projection.hidden_channels == (64,)
     config = model.config
     assert config["builder"] == "eavl_tiny" and config["kwargs"]["num_queries"] == 8
     config["kwargs"]["num_queries"] = 99  # a copy: the model's record is untouched

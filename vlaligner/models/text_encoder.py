@@ -66,7 +66,8 @@ class TextEncoder(nn.Module):
         embeddings = self.language_model.get_input_embeddings() if hasattr(
             self.language_model, "get_input_embeddings") else None
         vocab = getattr(embeddings, "num_embeddings", None)
-        if vocab is not None and input_ids.numel() and not input_ids.is_floating_point():
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # export / compile: no data checks
+        if vocab is not None and input_ids.numel() and not input_ids.is_floating_point() and not tracing:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= vocab:
                 raise ValueError(

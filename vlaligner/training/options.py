@@ -90,6 +90,9 @@ PAPER_DEFAULTS: Dict[str, Any] = dict(
 DEMO_MODEL_KWARGS: Dict[str, Any] = {
     "dim": 64, "mask_channels": 16, "up_channels": [32, 16], "decoder_layers": 1, "decoder_heads": 4,
     "ffn_dim": 256, "text_model_config": {"num_attention_heads": 2, "intermediate_size": 256},
+    # ConvNeXt (TINY_CONVNEXT_KWARGS) with 3x3 neck fusions: at 128 px and this width, cheaper
+    # per step than the tiny default's ResNet at equal learning (docs/training.md, run E').
+    "backbone": "convnext_atto", "neck_fuse_kernel_size": 3,
 }
 DEMO_DEFAULTS: Dict[str, Any] = dict(
     model="tiny", epochs=8, batch_size=16, img_size=128, output_dir="runs/demo",
@@ -97,6 +100,9 @@ DEMO_DEFAULTS: Dict[str, Any] = dict(
     # One compute thread and one loader process: on 2 shared cores two OpenMP threads slow
     # down 3x as soon as anything else runs (measured); the loader uses the other core.
     num_workers=1, threads=1,
+    # The plain layout: channels-last buys ConvNeXt little (0.95x CPU, 0.99x wall; benchmarks/
+    # bench_layout.py), and the demo's measured numbers are for this layout.
+    channels_last=False,
 )
 
 
