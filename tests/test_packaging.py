@@ -97,7 +97,7 @@ def test_vlaligner_train_and_evaluate_run_from_the_installed_wheel(tmp_path):
     where = _run([str(py), "-c", "import vlaligner; print(vlaligner.__file__)"], cwd=work, env=env).stdout
     assert str(venv_site) in where and str(REPO) not in where
     small = ('{"dim": 32, "mask_channels": 16, "up_channels": [32, 32], "ffn_dim": 64, "decoder_layers": 1, '
-             '"backbone_kwargs": {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}}')
+             '"backbone": "convnext_atto", "backbone_kwargs": {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}}')
     train = [str(py), "-m", "vlaligner.cli", "train", "--model", "tiny", "--model-kwargs", small,
              "--img-size", "64", "--synthetic-images", "8", "--train-samples", "4", "--val-samples", "2",
              "--batch-size", "2", "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--no-progress",
