@@ -179,6 +179,43 @@ def test_mask_generator_equals_per_query_conv():
             torch.testing.assert_close(masks[i, j], expected)
 
 
+def test_appended_coordinates_equal_the_per_query_conv_over_features_and_xy():
+    mg = MultiMaskGenerator(in_channels=4, query_dim=6, kernel_size=3, append_coords=True).double()
+    assert mg.kernel_channels == 6 and mg.param_proj.out_features == 6 * 9 + 1
+    features, queries = torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    masks = mg(features, queries)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 5, dtype=torch.float64),
+                            torch.linspace(-1, 1, 7, dtype=torch.float64), indexing="ij")
+    params = mg.param_proj(queries)
+    for i in range(2):
+        with_xy = torch.cat([features[i], xs[None], ys[None]])[None]
+        for j in range(3):
+            weight = params[i, j, :-1].reshape(1, 6, 3, 3)
+            expected = F.conv2d(with_xy, weight, params[i, j, -1:], padding=1)[0, 0]
+            torch.testing.assert_close(masks[i, j], expected)
+
+
+def test_appended_coordinates_let_a_kernel_tell_top_from_bottom():
+    # Constant features: without coordinates every pixel gets the same logit; a kernel that
+    # weighs only -y (its centre tap on the y channel) lights the top rows.
+    kwargs = dict(in_channels=2, query_dim=3, kernel_size=1)
+    plain, coords = MultiMaskGenerator(**kwargs), MultiMaskGenerator(**kwargs, append_coords=True)
+    features, query = torch.ones(1, 2, 6, 6), torch.ones(1, 1, 3)
+    assert plain(features, query).std() < 1e-6
+    with torch.no_grad():
+        coords.param_proj.weight.zero_()
+        coords.param_proj.bias.zero_()
+        coords.param_proj.bias[3] = -1.0  # channels: 2 features, x, then y (kernel 1x1)
+    mask = coords(features, query)[0, 0]
+    assert (mask[0] > 0).all() and (mask[-1] < 0).all() and torch.all(mask[:-1] > mask[1:])
+
+
+def test_fixed_kernel_head_appends_the_same_coordinates():
+    head = FixedKernelHead(in_channels=8, kernel_size=1, num_upsamples=1, append_coords=True)
+    assert head.classifier.in_channels == head.projection.out_channels + 2
+    assert head(torch.randn(2, 8, 3, 3)).logits.shape == (2, 1, 6, 6)
+
+
 def test_mask_generator_gradients_and_gradcheck():
     mg = MultiMaskGenerator(in_channels=8, query_dim=8, num_upsamples=1)
     assert_every_parameter_gets_gradient(mg, mg(torch.randn(2, 8, 4, 4), torch.randn(2, 3, 8)).square().mean())

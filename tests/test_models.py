@@ -166,6 +166,48 @@ def test_grid_stride_round_trips_through_save_pretrained(tmp_path):
         torch.testing.assert_close(loaded(images, ids, mask).logits, model(images, ids, mask).logits)
 
 
+@pytest.mark.parametrize("head", ["aligner", "fixed"])
+def test_mask_coords_reach_the_kernels_and_round_trip(tmp_path, head):
+    torch.manual_seed(0)
+    model = build_eavl_tiny(img_size=64, num_queries=4, mask_coords=True, head=head).eval()
+    assert model.config["kwargs"]["mask_coords"] is True
+    if head == "aligner":
+        assert model.head.mask_generator.kernel_channels == model.head.mask_generator.mask_channels + 2
+    else:
+        assert model.head.classifier.in_channels == model.head.projection.out_channels + 2
+    model.save_pretrained(tmp_path / "m")
+    loaded = EAVL.from_pretrained(tmp_path / "m").eval()
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids, mask).logits, model(images, ids, mask).logits)
+    model.train()
+    assert_every_parameter_gets_gradient(model, mask_bce_loss(model(images, ids, mask).logits, torch.zeros(2, 64, 64)))
+
+
+def test_a_checkpoint_without_a_later_argument_is_rebuilt_as_it_was_saved(tmp_path, monkeypatch):
+    # config.json records every builder argument; one added later (mask_coords) is absent from
+    # older folders and must take the value those were built with, whatever today's default.
+    import json
+
+    from vlaligner.models import registry
+
+    model = build_eavl_tiny(img_size=64, num_queries=4, mask_coords=True).eval()
+    model.save_pretrained(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["kwargs"]["mask_coords"]
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setitem(registry.ADDED_ARGUMENTS, "eavl_tiny", {"mask_coords": True})
+    loaded = EAVL.from_pretrained(tmp_path / "m").eval()
+    assert loaded.head.mask_generator.append_coords
+    images, ids, mask = batch(model, size=(64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids, mask).logits, model(images, ids, mask).logits)
+    # recorded arguments win over the completion
+    assert registry.recorded_kwargs("eavl_tiny", {"mask_coords": False}) == {"mask_coords": False}
+    assert registry.recorded_kwargs("eavl_tiny", {}) == {"mask_coords": True}
+
+
 # ---------------------------------------------------------------- input checks
 @pytest.mark.parametrize("size", [(100, 128), (128, 96 + 16), (33, 33)])
 def test_sides_not_multiple_of_32_raise_naming_the_shape(tiny, size):
@@ -300,7 +342,7 @@ def test_kernel_size_sets_the_query_kernels(k):
     model = build_eavl_tiny(img_size=64, kernel_size=k)
     generator = model.head.mask_generator
     assert generator.kernel_size == k
-    assert generator.param_proj.out_features == generator.mask_channels * k * k + 1
+    assert generator.param_proj.out_features == generator.kernel_channels * k * k + 1
     fixed = build_eavl_tiny(img_size=64, head="fixed", kernel_size=k)
     assert fixed.head.classifier.kernel_size == (k, k)
 
@@ -333,6 +375,8 @@ def test_tiny_builder_defaults_and_config():
     assert model.config["kwargs"]["backbone_kwargs"] == {"channels": [32, 64, 128, 256], "stem_width": 32}
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.image_encoder.modules())
     assert model.config["kwargs"]["neck_fuse_kernel_size"] == 1
+    # the kernels also see the pixel coordinates (64 + 2 channels)
+    assert model.config["kwargs"]["mask_coords"] is True and generator.kernel_channels == 66
     assert 5.3e6 < sum(p.numel() for p in model.parameters()) < 5.5e6
     # the former default (and the demo's backbone) by name: ConvNeXt at the tiny widths
     convnext = build_eavl_tiny(backbone="convnext_atto")

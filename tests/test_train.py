@@ -222,6 +222,20 @@ def test_train_then_evaluate_writes_everything(synthetic, tmp_path, capsys):
         assert set(split) >= {"oIoU", "mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
         assert all(0.0 <= split[k] <= 100.0 for k in ("oIoU", "mIoU", "Pr@0.5", "Pr@0.9"))
         assert 0.0 <= split["query_mask_iou"] <= 1.0 and 0.0 <= split["score_entropy"] <= 1.0 + 1e-6
+    # evaluating another split of best/ keeps the val numbers training wrote there
+    rc = evaluate_main(["--checkpoint", str(out / "best"), "--split", "testB", "--num-workers", "0",
+                        "--no-progress", "--batch-size", "4"])
+    assert rc == 0
+    after = json.loads((out / "best" / "metrics.json").read_text())
+    assert set(after) == {"val", "testB"} and after["val"] == best_metrics["val"]
+    # a file at --output that is not a metrics file is refused before any evaluation, untouched
+    notes = tmp_path / "notes.json"
+    notes.write_text('["my own list"]')
+    capsys.readouterr()
+    rc = evaluate_main(["--checkpoint", str(out / "best"), "--num-workers", "0", "--no-progress",
+                        "--output", str(notes)])
+    assert rc == 2 and "is not a metrics file" in capsys.readouterr().err
+    assert notes.read_text() == '["my own list"]'
     # the LAVT convention gives its own numbers from the same checkpoint
     rc = evaluate_main(["--checkpoint", str(out), "--split", "val", "--resized", "--num-workers", "0",
                                "--no-progress", "--output", str(tmp_path / "resized.json")])
@@ -415,3 +429,16 @@ def test_the_demo_keeps_the_plain_layout_unless_asked():
     assert resolve_train_args([]).channels_last is False  # the demo's measured numbers
     assert resolve_train_args(["--demo", "--channels-last"]).channels_last is True
     assert resolve_train_args(["--model", "tiny"]).channels_last is None  # the trainer decides by device
+
+
+def test_the_demo_model_is_the_one_its_numbers_were_measured_with():
+    # The tiny default appends coordinates for its kernels; the demo pins them off, so its
+    # model stays the 2,300,010-parameter one of the README's measurements.
+    from vlaligner.models import build_eavl_tiny
+    from vlaligner.training.options import DEMO_MODEL_KWARGS, resolve_train_args
+
+    args = resolve_train_args([])
+    assert args.model_kwargs["mask_coords"] is False
+    model = build_eavl_tiny(img_size=args.img_size, **DEMO_MODEL_KWARGS)
+    assert not model.head.mask_generator.append_coords
+    assert sum(p.numel() for p in model.parameters()) == 2_300_010

@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._validation import check_dim, check_input, check_rank, check_same_batch, check_tensor
+from ._validation import check_input, check_same_batch, check_tensor
 from .functional import dynamic_conv2d, fuse_dynamic_kernels, mixture_of_masks_logits
 from .layers import NormLayer, UpProjection
-from .mask_generator import MultiMaskGenerator
+from .mask_generator import MultiMaskGenerator, append_coordinates
 from .query_estimator import MultiQueryEstimator
 
 __all__ = ["AlignerOutput", "VisionLanguageAligner", "FixedKernelHead", "AGGREGATIONS"]
@@ -73,6 +73,8 @@ class VisionLanguageAligner(nn.Module):
             round (a *choice* beyond the paper; :class:`~vlaligner.layers.UpProjection`).
         mask_bias_init: initial bias of each query's mask (a foreground prior, see
             :class:`MultiMaskGenerator`).
+        append_coords: append x and y to the projected features before the kernels (see
+            :class:`MultiMaskGenerator`; a choice beyond the paper).
         norm_layer: normalisation used in the up-projection.
     """
 
@@ -90,6 +92,7 @@ class VisionLanguageAligner(nn.Module):
         skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
         aggregation: str = "logits",
+        append_coords: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -100,7 +103,7 @@ class VisionLanguageAligner(nn.Module):
             in_channels=in_channels, query_dim=query_dim, kernel_size=kernel_size,
             num_upsamples=num_upsamples, mask_channels=mask_channels,
             hidden_channels=hidden_channels, skip_channels=skip_channels,
-            mask_bias_init=mask_bias_init, norm_layer=norm_layer,
+            mask_bias_init=mask_bias_init, append_coords=append_coords, norm_layer=norm_layer,
         )
         self.estimator = (
             MultiQueryEstimator(query_dim=query_dim, num_heads=num_heads) if use_estimator else None
@@ -171,6 +174,8 @@ class FixedKernelHead(nn.Module):
         hidden_channels: the up-projection's width after each round (default: halving).
         skip_channels: as in :class:`VisionLanguageAligner`.
         mask_bias_init: initial bias of the fixed kernel (the same foreground prior).
+        append_coords: append x and y to the projected features before the kernel, as the
+            aligner may (so that the two heads see the same features).
     """
 
     def __init__(
@@ -183,18 +188,21 @@ class FixedKernelHead(nn.Module):
         hidden_channels: Optional[Sequence[int]] = None,
         skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
+        append_coords: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         self.in_channels = in_channels
+        self.append_coords = bool(append_coords)
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
             hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,
         )
         self.classifier = nn.Conv2d(
-            self.projection.out_channels, 1, kernel_size, padding=kernel_size // 2
+            self.projection.out_channels + (2 if self.append_coords else 0), 1, kernel_size,
+            padding=kernel_size // 2,
         )
         if mask_bias_init:
             with torch.no_grad():
@@ -220,4 +228,7 @@ class FixedKernelHead(nn.Module):
         if queries is not None:
             check_tensor("queries", queries)
             check_same_batch(features=features, queries=queries)
-        return AlignerOutput(logits=self.classifier(self.projection(features, skips)))
+        projected = self.projection(features, skips)
+        if self.append_coords:
+            projected = append_coordinates(projected)
+        return AlignerOutput(logits=self.classifier(projected))

@@ -11,10 +11,17 @@ import torch
 from torch import nn
 
 from ._validation import check_input, check_same_batch
-from .functional import dynamic_conv2d, split_dynamic_params
+from .functional import coord_features, dynamic_conv2d, split_dynamic_params
 from .layers import NormLayer, UpProjection
 
-__all__ = ["MultiMaskGenerator"]
+__all__ = ["MultiMaskGenerator", "append_coordinates"]
+
+
+def append_coordinates(features: torch.Tensor) -> torch.Tensor:
+    """``(b c h w)`` -> ``(b c+2 h w)``: the features, then x and y in [-1, 1] (CoordConv)."""
+    b, _, h, w = features.shape
+    coords = coord_features(b, h, w, device=features.device, dtype=features.dtype)
+    return torch.cat([features, coords], dim=1)
 
 
 class MultiMaskGenerator(nn.Module):
@@ -23,7 +30,10 @@ class MultiMaskGenerator(nn.Module):
     ``features`` first go through the optional up-projection of Eq. 11 (``num_upsamples``
     rounds of 2x upsampling + 3x3 conv, then a 1x1 conv, as CRIS's Projector); a linear layer
     then maps each query to ``c*k*k + 1`` numbers (kernel, then bias), applied to the
-    projected features with ``dynamic_conv2d``.
+    projected features with ``dynamic_conv2d``. With ``append_coords`` the normalised pixel
+    coordinates (x, y in [-1, 1]) are appended to the projected features first, so that a
+    kernel can weigh position directly ("the top one"; CondInst appends coordinates to its
+    mask features likewise): the kernels then act on ``mask_channels + 2`` channels.
 
     Args:
         in_channels: channels of the incoming features.
@@ -40,6 +50,8 @@ class MultiMaskGenerator(nn.Module):
             a negative value is a foreground prior (``log(p / (1 - p))`` for a referred
             object covering a share ``p`` of the pixels) that spares a from-scratch model the
             first phase of learning "background everywhere". 0 keeps the plain initialisation.
+        append_coords: append x and y (2 channels) to the projected features before the
+            kernels (a *choice* beyond the paper; measured in docs/training.md).
         norm_layer: normalisation used in the up-projection.
     """
 
@@ -54,6 +66,7 @@ class MultiMaskGenerator(nn.Module):
         hidden_channels: Optional[Sequence[int]] = None,
         skip_channels: Optional[Sequence[Optional[int]]] = None,
         mask_bias_init: float = 0.0,
+        append_coords: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -67,11 +80,17 @@ class MultiMaskGenerator(nn.Module):
             hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,
         )
         self.mask_channels = self.projection.out_channels
-        self.param_proj = nn.Linear(query_dim, self.mask_channels * kernel_size**2 + 1)
+        self.append_coords = bool(append_coords)
+        self.param_proj = nn.Linear(query_dim, self.kernel_channels * kernel_size**2 + 1)
         self.mask_bias_init = float(mask_bias_init)
         if self.mask_bias_init:
             with torch.no_grad():  # the last output is the bias b_i of Eq. 12
                 self.param_proj.bias[-1].fill_(self.mask_bias_init)
+
+    @property
+    def kernel_channels(self) -> int:
+        """Channels each kernel acts on: ``mask_channels`` (+ 2 with ``append_coords``)."""
+        return self.mask_channels + (2 if self.append_coords else 0)
 
     @property
     def skip_channels(self) -> Optional[tuple]:
@@ -93,14 +112,17 @@ class MultiMaskGenerator(nn.Module):
                 up-projection round; only for a generator built with ``skip_channels``.
 
         Returns:
-            ``projected (b c H' W')``, ``weight (b n c k k)``, ``bias (b n)``.
+            ``projected (b c H' W')``, ``weight (b n c k k)``, ``bias (b n)``; ``c`` is
+            :attr:`kernel_channels` (the coordinates are the last 2 channels of ``projected``).
         """
         check_input("features", features, "b c h w", sizes={1: self.in_channels}, module=self)
         check_input("queries", queries, "b n d", sizes={2: self.query_dim}, module=self)
         check_same_batch(features=features, queries=queries)
         projected = self.projection(features, skips)
+        if self.append_coords:
+            projected = append_coordinates(projected)
         weight, bias = split_dynamic_params(
-            self.param_proj(queries), self.mask_channels, self.kernel_size
+            self.param_proj(queries), self.kernel_channels, self.kernel_size
         )
         return projected, weight, bias
 

@@ -219,6 +219,7 @@ def _assemble(
     no_target: bool = False,
     grid_stride: int = 16,
     mask_skips: bool = False,
+    mask_coords: bool = False,
 ) -> EAVL:
     if head not in ("aligner", "fixed"):
         raise ValueError(f"head must be 'aligner' or 'fixed', got {head!r}")
@@ -266,12 +267,13 @@ def _assemble(
             in_channels=dim, query_dim=dim, kernel_size=kernel_size, num_heads=aligner_heads,
             use_estimator=use_estimator, num_upsamples=num_upsamples, mask_channels=mask_channels,
             hidden_channels=up_channels, skip_channels=skip_channels, mask_bias_init=mask_bias_init,
-            aggregation=aggregation,
+            aggregation=aggregation, append_coords=mask_coords,
         )
     else:
         head_module = FixedKernelHead(
             in_channels=dim, kernel_size=kernel_size, num_upsamples=num_upsamples, mask_channels=mask_channels,
             hidden_channels=up_channels, skip_channels=skip_channels, mask_bias_init=mask_bias_init,
+            append_coords=mask_coords,
         )
     no_target_head = (
         NoTargetHead(query_dim=dim, vision_dim=dim, use_mask_stats=True, bias_init=math.log(0.1 / 0.9))
@@ -317,6 +319,7 @@ def build_eavl_swin_b(
     neck_fuse_kernel_size: int = 1,
     aggregation: str = "logits",
     no_target: bool = False,
+    mask_coords: bool = False,
     backbone: str = "swin_base_patch4_window12_384",
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     text_model: str = "bert-base-uncased",
@@ -346,6 +349,8 @@ def build_eavl_swin_b(
         aggregation: the reading of Eq. 14 (see :class:`~vlaligner.VisionLanguageAligner`).
         no_target: add a :class:`~vlaligner.no_target.NoTargetHead` (generalized RIS, gRefCOCO):
             ``EAVLOutput.no_target_logits (b)``.
+        mask_coords: append x and y to the features the query kernels act on (a choice beyond
+            the paper, off as the paper; see :func:`build_eavl_tiny`).
         backbone: timm model name; ``backbone_kwargs`` go to ``timm.create_model``.
         text_model: hub name or local folder. A local folder is always loaded with its weights
             (``from_pretrained``, offline). ``"bert-base-uncased"`` without ``pretrained`` is
@@ -362,8 +367,9 @@ def build_eavl_swin_b(
         img_size=img_size, num_queries=num_queries, head=head, use_estimator=use_estimator,
         use_global_vision=use_global_vision, use_global_text=use_global_text,
         kernel_size=kernel_size, dim=dim, mask_channels=mask_channels, up_channels=tuple(up_channels),
-        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, no_target=no_target, backbone=backbone,
-        backbone_kwargs=dict(backbone_kwargs or {}), text_model=text_model, max_length=max_length,
+        neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, no_target=no_target,
+        mask_coords=mask_coords, backbone=backbone, backbone_kwargs=dict(backbone_kwargs or {}),
+        text_model=text_model, max_length=max_length,
     )
     language_model = _language_model(
         text_model, pretrained=pretrained, text_config=text_config,
@@ -384,6 +390,7 @@ def build_eavl_swin_b(
         pool_heads=16, decoder_layers=3, decoder_heads=8, ffn_dim=2048, dropout=0.1,
         aligner_heads=8, max_length=max_length, mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, aggregation=aggregation, no_target=no_target,
+        mask_coords=mask_coords,
     )
 
 
@@ -416,6 +423,7 @@ def build_eavl_tiny(
     no_target: bool = False,
     grid_stride: int = 16,
     mask_skips: bool = False,
+    mask_coords: bool = True,
     max_length: int = 17,
     tokenizer: Any = None,
     text_config: Optional[Union[PathLike, Dict[str, Any]]] = None,
@@ -427,8 +435,9 @@ def build_eavl_tiny(
     width 128 (4 heads, FFN 512) over the embedded WordPiece vocabulary; width 128, N = 8;
     CRIS's 1x1 neck fusions; decoder 2 layers, 8 heads, FFN 512; the up-projection to stride 4
     at widths :data:`TINY_UP_CHANNELS` (128, then 64), then 1x1 to the 64 channels the k = 3
-    query kernels act on; 160 x 160 inputs; the masks start at the foreground prior
-    :data:`TINY_MASK_BIAS_INIT`. 5.39 M parameters.
+    query kernels act on, with the pixel coordinates appended (``mask_coords``: 66 channels);
+    160 x 160 inputs; the masks start at the foreground prior :data:`TINY_MASK_BIAS_INIT`.
+    5.39 M parameters.
 
     Args:
         img_size: training side (multiple of 32).
@@ -469,6 +478,11 @@ def build_eavl_tiny(
             at ``grid_stride=16`` the backbone then also returns its stride-4 stage). A *choice*
             beyond the paper, for masks with edges the decoder grid cannot hold; measured in
             docs/training.md (crisper masks, not a higher mIoU at the demo's budget).
+        mask_coords: append the normalised pixel coordinates (x, y) to the features the query
+            kernels act on (``append_coords`` of :class:`~vlaligner.VisionLanguageAligner`), so
+            that a kernel can weigh position directly ("the top one"). A *choice* beyond the
+            paper, on by default here: from scratch, the models without it learned the position
+            words last and unreliably across seeds (docs/training.md, "Coordinates for the kernels").
         max_length, tokenizer, text_config: as in :func:`build_eavl_swin_b`.
     """
     if grid_stride not in GRID_STRIDES:
@@ -499,7 +513,7 @@ def build_eavl_tiny(
         decoder_heads=decoder_heads, ffn_dim=ffn_dim, dropout=dropout,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
         aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, mask_skips=mask_skips,
-        max_length=max_length,
+        mask_coords=mask_coords, max_length=max_length,
     )
     language_model: Optional[nn.Module] = None
     if text_model is not None or text_config is not None:
@@ -533,4 +547,5 @@ def build_eavl_tiny(
         mask_channels=mask_channels, up_channels=up_channels,
         neck_fuse_kernel_size=neck_fuse_kernel_size, mask_bias_init=mask_bias_init,
         aggregation=aggregation, no_target=no_target, grid_stride=grid_stride, mask_skips=mask_skips,
+        mask_coords=mask_coords,
     )

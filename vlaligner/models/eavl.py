@@ -536,12 +536,13 @@ class EAVL(nn.Module):
         refused (see :meth:`check_pretrained`).
         """
         from .builders import BUILDERS
+        from .registry import recorded_kwargs
 
         directory = _resolve_checkpoint_location(directory, revision)
         config = cls.check_pretrained(directory)
         builder_name = config["builder"]
         weights = directory / WEIGHTS_NAME
-        kwargs = dict(config["kwargs"])
+        kwargs = recorded_kwargs(builder_name, dict(config["kwargs"]))
         kwargs["tokenizer"] = str(directory / TOKENIZER_DIR)
         kwargs["text_config"] = str(directory / TEXT_CONFIG_DIR)
         try:

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -127,6 +128,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None, *, prog: str = "evaluate
         parser.error(str(err))
     try:
         try:
+            if env.is_main:
+                merge_metrics_file(args.output, {})  # refuse a foreign --output before evaluating
             results = run_evaluation(args, env)
         except UsageError as err:
             if env.is_main:
@@ -142,13 +145,39 @@ def evaluate_main(argv: Optional[Sequence[str]] = None, *, prog: str = "evaluate
             diversity = {s: m for s, m in results.items() if "query_mask_iou" in m}
             if diversity:
                 print(format_diversity_table(diversity))
+            try:
+                merged = merge_metrics_file(args.output, results)
+            except UsageError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return 2
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.output, json.dumps(results, indent=1) + "\n")
-            print(f"wrote {args.output}")
+            atomic_write_text(args.output, json.dumps(merged, indent=1) + "\n")
+            kept = sorted(set(merged) - set(results))
+            print(f"wrote {args.output}" + (f" (kept its earlier splits: {', '.join(kept)})" if kept else ""))
     finally:
         if env.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def merge_metrics_file(path: Path, results: Dict[str, dict]) -> Dict[str, dict]:
+    """``results`` merged into the metrics file at ``path`` (``{split: {metric: value}}``).
+
+    The splits just evaluated replace theirs; the file's other splits stay (so evaluating
+    ``train`` does not erase the ``val`` numbers training wrote into ``best/metrics.json``).
+    A file there that is not such a metrics file is never overwritten: ``UsageError``.
+    """
+    if not path.exists():
+        return dict(results)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"--output {path} exists and is not a metrics file ({err}); "
+                         "pass another --output") from None
+    if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
+        raise UsageError(f"--output {path} exists and is not a metrics file (expected a JSON object "
+                         f"{{split: {{metric: value}}}}, got {type(old).__name__}); pass another --output")
+    return {**old, **results}
 
 
 def format_diversity_table(results: Dict[str, dict]) -> str:
