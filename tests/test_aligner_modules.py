@@ -210,6 +210,16 @@ def test_appended_coordinates_let_a_kernel_tell_top_from_bottom():
     assert (mask[0] > 0).all() and (mask[-1] < 0).all() and torch.all(mask[:-1] > mask[1:])
 
 
+@pytest.mark.parametrize("make", [
+    lambda v: MultiMaskGenerator(in_channels=2, query_dim=3, append_coords=v),
+    lambda v: FixedKernelHead(in_channels=2, append_coords=v),
+])
+def test_append_coords_must_be_a_bool_not_a_string(make):
+    # "false" from a hand-written config must not silently mean True
+    with pytest.raises(TypeError, match="append_coords must be True or False, got 'false'"):
+        make("false")
+
+
 def test_fixed_kernel_head_appends_the_same_coordinates():
     head = FixedKernelHead(in_channels=8, kernel_size=1, num_upsamples=1, append_coords=True)
     assert head.classifier.in_channels == head.projection.out_channels + 2

@@ -195,7 +195,9 @@ class FixedKernelHead(nn.Module):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         self.in_channels = in_channels
-        self.append_coords = bool(append_coords)
+        if not isinstance(append_coords, bool):
+            raise TypeError(f"append_coords must be True or False, got {append_coords!r}")
+        self.append_coords = append_coords
         self.projection = UpProjection(
             in_channels=in_channels, num_upsamples=num_upsamples, out_channels=mask_channels,
             hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,

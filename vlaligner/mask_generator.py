@@ -80,7 +80,9 @@ class MultiMaskGenerator(nn.Module):
             hidden_channels=hidden_channels, skip_channels=skip_channels, norm_layer=norm_layer,
         )
         self.mask_channels = self.projection.out_channels
-        self.append_coords = bool(append_coords)
+        if not isinstance(append_coords, bool):
+            raise TypeError(f"append_coords must be True or False, got {append_coords!r}")
+        self.append_coords = append_coords
         self.param_proj = nn.Linear(query_dim, self.kernel_channels * kernel_size**2 + 1)
         self.mask_bias_init = float(mask_bias_init)
         if self.mask_bias_init:

@@ -128,8 +128,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None, *, prog: str = "evaluate
         parser.error(str(err))
     try:
         try:
-            if env.is_main:
-                merge_metrics_file(args.output, {})  # refuse a foreign --output before evaluating
+            # refuse a foreign --output before evaluating, on every process (else the others
+            # would wait in the evaluation's all-reduce for one that has returned)
+            merge_metrics_file(args.output, {})
             results = run_evaluation(args, env)
         except UsageError as err:
             if env.is_main:
