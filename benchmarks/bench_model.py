@@ -91,13 +91,19 @@ def kernel_steps(fixed_head, aligner_head, fixed_in, aligner_in) -> Dict[str, Ca
     """
     from vlaligner.functional import dynamic_conv2d, fuse_dynamic_kernels, split_dynamic_params
 
+    from vlaligner.mask_generator import append_coordinates
+
     fixed_projected = fixed_head.projection(fixed_in[0])
+    if fixed_head.append_coords:
+        fixed_projected = append_coordinates(fixed_projected)
     generator = aligner_head.mask_generator
     projected = generator.projection(aligner_in[0])
+    if generator.append_coords:
+        projected = append_coordinates(projected)
     queries = aligner_in[1]
 
     def aligner_step(unfused: bool):
-        weight, bias = split_dynamic_params(generator.param_proj(queries), generator.mask_channels,
+        weight, bias = split_dynamic_params(generator.param_proj(queries), generator.kernel_channels,
                                             generator.kernel_size)
         scores = aligner_head.scores(queries)
         logits = dynamic_conv2d(projected, *fuse_dynamic_kernels(weight, bias, scores))
@@ -163,7 +169,7 @@ def bench_size(size: str, args, devices: List[torch.device]) -> List[dict]:
         "aligner (fused)": (aligner_report["params"], aligner_report["gflops"], aligner_report["gflops_by_part"].get("head")),
     }
     img_size = aligner_report["img_size"]
-    aligner = models["aligner"]
+    aligner, fixed = models["aligner"], models["fixed"]
     rows = []
     for device in devices:
         dtype = torch.float32 if device.type == "cpu" else getattr(torch, args.cuda_dtype)
@@ -178,19 +184,19 @@ def bench_size(size: str, args, devices: List[torch.device]) -> List[dict]:
         runs = args.runs or (SIZES[size][2] if device.type == "cpu" else 50)
         warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" and size == "swin-b" else 3)
         with torch.inference_mode(), autocast:
-            fixed_in = capture_head_inputs(models["fixed"], images, ids, mask)
+            fixed_in = capture_head_inputs(fixed, images, ids, mask)
             aligner_in = capture_head_inputs(aligner, images, ids, mask)
             whole: Dict[str, Callable[[], Any]] = {
-                "fixed": lambda: models["fixed"](images, ids, mask),
+                "fixed": lambda: fixed(images, ids, mask),
                 "aligner (unfused)": lambda: aligner(images, ids, mask, return_query_masks=True),
                 "aligner (fused)": lambda: aligner(images, ids, mask),
             }
             head: Dict[str, Callable[[], Any]] = {
-                "fixed": lambda: models["fixed"].head(*fixed_in),
+                "fixed": lambda: fixed.head(*fixed_in),
                 "aligner (unfused)": lambda: aligner.head(*aligner_in, return_query_masks=True),
                 "aligner (fused)": lambda: aligner.head(*aligner_in),
             }
-            step = kernel_steps(models["fixed"].head, aligner.head, fixed_in, aligner_in)
+            step = kernel_steps(fixed.head, aligner.head, fixed_in, aligner_in)
             t0 = time.perf_counter()
             model_s = interleaved_samples(whole, device, rounds=runs, warmup=warmup)
             head_s = interleaved_samples(head, device, rounds=max(runs, args.head_runs), warmup=warmup)

@@ -442,3 +442,40 @@ def test_the_demo_model_is_the_one_its_numbers_were_measured_with():
     model = build_eavl_tiny(img_size=args.img_size, **DEMO_MODEL_KWARGS)
     assert not model.head.mask_generator.append_coords
     assert sum(p.numel() for p in model.parameters()) == 2_300_010
+
+
+def test_a_classic_checkpoint_starts_a_generalized_run(synthetic, tmp_path):
+    """--init-from a classic run on a generalized set: every tensor but the no-target head's."""
+    from vlaligner.training.trainer import NO_TARGET_HEAD_PREFIX
+
+    classic = tmp_path / "classic"
+    assert train_main(_argv(synthetic, classic, "--max-steps", "1")) == 0
+    gsynth = ensure_synthetic_set(tmp_path / "gset", num_images=8, seed=0, generalized=True)
+    out = tmp_path / "gres"
+    seen = {}
+    original = trainer.load_model_weights
+
+    def spy(model, directory, **kwargs):
+        fresh = original(model, directory, **kwargs)
+        if "state" not in seen:  # the --init-from call (the trainer loads best/ at the end too)
+            seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+            seen["fresh"] = fresh
+        return fresh
+
+    argv = _argv(synthetic, out, "--max-steps", "1", "--init-from", str(classic / "last"))
+    argv[argv.index("--cache-dir") + 1] = str(gsynth)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "load_model_weights", spy)
+        assert train_main(argv + ["--dataset", "grefcoco"]) == 0
+    saved = _model_tensors(classic / "last")
+    assert seen["fresh"] and all(k.startswith(NO_TARGET_HEAD_PREFIX) for k in seen["fresh"])
+    assert set(seen["state"]) == set(saved) | set(seen["fresh"])
+    for name, tensor in saved.items():
+        assert torch.equal(seen["state"][name], tensor), name
+    assert "tensors of it start fresh" in (out / "train.log").read_text()
+    assert "gIoU" in _rows(out / "metrics.jsonl")[-1]["metrics"]
+    # a classic run may not start from a generalized checkpoint (its head would be dropped silently)
+    back = tmp_path / "back"
+    argv = _argv(synthetic, back, "--max-steps", "1", "--init-from", str(out / "last"))
+    with pytest.raises(ValueError, match="unexpected, first: no_target_head"):
+        train_main(argv)

@@ -420,3 +420,26 @@ def test_plot_curves_and_prediction_grid(tmp_path):
     assert grid.stat().st_size > 1000
     with pytest.raises(ValueError, match="as many images"):
         save_prediction_grid(tmp_path / "q.png", [img], [mask, mask], [mask], ["a"])
+
+
+def test_load_model_weights_keeps_only_named_parts_fresh(tmp_path):
+    """fresh_prefixes: the named parts may be missing and keep their init; nothing else may."""
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(4, 4))
+    save_checkpoint(tmp_path / "ckpt", model=small)
+    torch.manual_seed(1)
+    bigger = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    head = {k: v.clone() for k, v in bigger.state_dict().items() if k.startswith("1.")}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_model_weights(bigger, tmp_path / "ckpt")
+    fresh = load_model_weights(bigger, tmp_path / "ckpt", fresh_prefixes=("1.",))
+    assert sorted(fresh) == ["1.bias", "1.weight"]
+    assert torch.equal(bigger[0].weight, small[0].weight) and torch.equal(bigger[0].bias, small[0].bias)
+    assert all(torch.equal(bigger.state_dict()[k], v) for k, v in head.items())
+    # a prefix that does not cover the missing part, or a bare string, is refused
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_model_weights(bigger, tmp_path / "ckpt", fresh_prefixes=("0.",))
+    with pytest.raises(TypeError, match="sequence of name prefixes"):
+        load_model_weights(bigger, tmp_path / "ckpt", fresh_prefixes="1.")
+    # nothing missing: nothing fresh
+    assert load_model_weights(small, tmp_path / "ckpt", fresh_prefixes=("1.",)) == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -157,25 +157,45 @@ def _save_model(model: nn.Module, directory: Path) -> None:
         save_file(state, str(directory / "model.safetensors"))
 
 
-def load_model_weights(model: nn.Module, directory: PathLike) -> None:
+def load_model_weights(model: nn.Module, directory: PathLike, *, fresh_prefixes: Sequence[str] = ()) -> List[str]:
     """Load ``model.safetensors`` of a checkpoint folder into an existing ``model`` (in place).
 
     The SHA-256 recorded in the folder's ``config.json`` (when the folder has one) is checked
     first: a file changed after saving is refused. Uses the model's own
     ``load_checkpoint_state`` when it has one (EAVL's: errors that name the differing
     tensors), else ``load_state_dict(strict=True)``.
+
+    Args:
+        model: the model to fill.
+        directory: a checkpoint folder.
+        fresh_prefixes: names of parts the checkpoint may lack, which then keep the model's
+            own (fresh) initialisation, e.g. ``("no_target_head.",)`` to fine-tune a classic
+            checkpoint on a generalized set. Every other tensor must be there, and the
+            checkpoint may hold nothing the model lacks.
+
+    Returns:
+        The names of the tensors that kept their fresh initialisation (empty when the
+        checkpoint held every tensor).
     """
     directory = Path(directory)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has no model.safetensors (a checkpoint folder holds it)")
+    if isinstance(fresh_prefixes, str):
+        raise TypeError(f"fresh_prefixes must be a sequence of name prefixes, got the string {fresh_prefixes!r}")
     check_recorded_hash(directory)
     bare = unwrap_model(model)
     state = read_safetensors(weights)
+    fresh = [k for k, v in bare.state_dict().items() if k not in state and k.startswith(tuple(fresh_prefixes))]
+    if fresh:
+        state = dict(state)
+        own = bare.state_dict()
+        state.update({k: own[k] for k in fresh})
     if hasattr(bare, "load_checkpoint_state"):
         bare.load_checkpoint_state(state, strict=True, source=str(weights))
     else:
         bare.load_state_dict(state, strict=True)
+    return fresh
 
 
 def save_checkpoint(

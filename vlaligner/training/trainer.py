@@ -47,6 +47,9 @@ from .schedule import build_poly_scheduler
 __all__ = ["Trainer", "build_model", "make_datasets", "make_loader", "param_digest", "Interrupted", "NonFiniteLossError"]
 
 LOG = logging.getLogger("vlaligner.train")
+#: Parameter names of the no-target head (generalized sets): a classic checkpoint passed to
+#: ``--init-from`` lacks them, and they start fresh.
+NO_TARGET_HEAD_PREFIX = "no_target_head."
 NUM_PREVIEW = 8  # validation samples drawn in predictions.png
 
 
@@ -233,8 +236,14 @@ class Trainer:
         if args.img_size is None:
             args.img_size = model.img_size
         if args.init_from is not None:
-            load_model_weights(model, args.init_from)
+            # A classic checkpoint may start a generalized run: its no-target head starts fresh.
+            fresh = load_model_weights(
+                model, args.init_from, fresh_prefixes=(NO_TARGET_HEAD_PREFIX,) if self.generalized else ()
+            )
             LOG.info("initialised from %s", args.init_from)
+            if fresh:
+                LOG.info("%s has no no-target head (a classic checkpoint): %d tensors of it start fresh",
+                         args.init_from, len(fresh))
         elif args.model == "swin-b" and not args.pretrained and not args.resume:
             LOG.warning(
                 "Swin-B and BERT-base start from random weights; the paper starts from ImageNet Swin-B "
