@@ -479,3 +479,21 @@ def test_a_classic_checkpoint_starts_a_generalized_run(synthetic, tmp_path):
     argv = _argv(synthetic, back, "--max-steps", "1", "--init-from", str(out / "last"))
     with pytest.raises(ValueError, match="unexpected, first: no_target_head"):
         train_main(argv)
+
+
+def test_torchrun_evaluate_refuses_a_foreign_output_on_every_process(synthetic, tmp_path):
+    """Both processes refuse a file that is not a metrics file: none waits for the other."""
+    out = tmp_path / "run"
+    assert train_main(_argv(synthetic, out, "--max-steps", "1")) == 0
+    notes = tmp_path / "notes.json"
+    notes.write_text('["my own list"]')
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "evaluate.py"), "--checkpoint", str(out / "last"), "--device", "cpu",
+        "--num-workers", "0", "--no-progress", "--output", str(notes),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode != 0
+    assert "is not a metrics file" in proc.stderr
+    assert notes.read_text() == '["my own list"]'
