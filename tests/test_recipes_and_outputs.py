@@ -30,6 +30,9 @@ def test_each_model_gets_its_recipe():
     # the from-scratch recipes take the loss where the evaluation reads the masks; the paper's as CRIS
     assert RECIPES["scratch-small"].upsample_logits and RECIPES["demo"].upsample_logits
     assert not paper.upsample_logits and not RECIPES["adam-poly"].upsample_logits
+    # the flip with left/right swap: the tiny default's; the demo's numbers were measured without
+    assert RECIPES["scratch-small"].augment
+    assert not any(RECIPES[name].augment for name in ("paper-finetune", "demo", "adam-poly"))
 
 
 def test_explicit_fields_override_and_rename_the_recipe():
@@ -65,6 +68,14 @@ def test_command_line_resolves_and_records_the_recipe(tmp_path):
     assert args.recipe == "scratch-small+custom" and args.recipe_fields["upsample_logits"] is False
     assert "on the logits' grid" in resolve_recipe("tiny", None, {"upsample_logits": False}).describe()
     assert "at the input size" in resolve_recipe("tiny").describe()
+    # --augment / --no-augment are recipe fields too, and reach the loader's switch
+    assert args.augment is True and "flip with left/right swap" in resolve_recipe("tiny").describe()
+    args = resolve_train_args(["--model", "tiny", "--no-augment", "--device", "cpu", "--output-dir", str(tmp_path / "e")])
+    assert (args.recipe, args.augment, args.recipe_fields["augment"]) == ("scratch-small+custom", False, False)
+    args = resolve_train_args(["--demo", "--augment", "--output-dir", str(tmp_path / "f")])
+    assert (args.recipe, args.augment) == ("demo+custom", True)
+    assert resolve_train_args(["--demo", "--output-dir", str(tmp_path / "g")]).augment is False
+    assert "no augmentation" in resolve_recipe("swin-b").describe()
 
 
 # ------------------------------------------------------------------------------ schedule

@@ -156,7 +156,9 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, default=None, help="input side S (default: the model's, 480 for Swin-B)")
     g.add_argument("--max-length", type=int, default=None,
                    help="tokens per sentence with [CLS] and [SEP] (default: the data set's, 17 RefCOCO/+, 22 G-Ref)")
-    g.add_argument("--augment", action="store_true", help="random flip that swaps left/right in the sentence")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="recipe field: random horizontal flip of training samples that swaps left/right in the "
+                        "sentence (on in scratch-small; --no-augment: off)")
     g.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="use only the first N training samples (quick runs)")
     g.add_argument("--val-samples", type=int, default=None, metavar="N",
