@@ -11,8 +11,9 @@ from random weights needs another recipe entirely (measured: docs/training.md, "
   0.01, 200 warm-up steps, poly decay, gradient norm clipped at 1, BCE + soft Dice (weight 1)
   taken at the input size, mask bias at the foreground prior, and the loader's horizontal
   flip that swaps "left" / "right" in the sentence). Dice pulls the foreground in from the
-  first hundred steps, where BCE alone first learns "background everywhere"; the flip narrows
-  the gap between training and validation sentences.
+  first hundred steps, where BCE alone first learns "background everywhere"; with the flip
+  the tiny default reached 71.01 ± 0.67 val mIoU over 3 seeds against 69.49 ± 1.79 without
+  (docs/training.md, "The tiny default").
 - ``demo``: the same fields without the flip, under the name the ten-minute CPU demo has
   always recorded (it added Dice to ``scratch-small`` before ``scratch-small`` took it too).
 - ``adam-poly``: Adam at lr 1e-3 with polynomial decay, no warm-up, clipping or weight decay,
