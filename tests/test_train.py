@@ -481,6 +481,31 @@ def test_a_classic_checkpoint_starts_a_generalized_run(synthetic, tmp_path):
         train_main(argv)
 
 
+def test_evaluate_takes_the_no_target_threshold_on_generalized_sets(synthetic, tmp_path, capsys):
+    """--no-target-threshold moves N-acc / T-acc to their ends; a classic set refuses it."""
+    gsynth = ensure_synthetic_set(tmp_path / "gset", num_images=8, seed=0, generalized=True)
+    out = tmp_path / "gres"
+    argv = _argv(synthetic, out, "--max-steps", "1", "--dataset", "grefcoco")
+    argv[argv.index("--cache-dir") + 1] = str(gsynth)
+    assert train_main(argv) == 0
+    common = ["--checkpoint", str(out / "last"), "--split", "train", "--num-workers", "0", "--no-progress"]
+    results = {}
+    for p in ("1e-9", "0.999999999"):
+        assert evaluate_main(common + ["--no-target-threshold", p, "--output", str(tmp_path / f"{p}.json")]) == 0
+        results[p] = json.loads((tmp_path / f"{p}.json").read_text())["train"]
+    assert results["1e-9"]["N-acc"] == 100.0 and results["1e-9"]["T-acc"] == 0.0
+    assert results["0.999999999"]["N-acc"] == 0.0 and results["0.999999999"]["T-acc"] == 100.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate_main(common + ["--no-target-threshold", "1.5"])
+    assert "--no-target-threshold must be in (0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(common + ["--dataset", "refcoco", "--no-target-threshold", "0.3"])
+    assert "--no-target-threshold applies to generalized sets (grefcoco); got --dataset refcoco" in (
+        capsys.readouterr().err
+    )
+
+
 def test_torchrun_evaluate_refuses_a_foreign_output_on_every_process(synthetic, tmp_path):
     """Both processes refuse a file that is not a metrics file: none waits for the other."""
     out = tmp_path / "run"

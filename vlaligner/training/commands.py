@@ -106,6 +106,7 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
                     f"no-target head; {args.checkpoint} has none (train it with --dataset {args.dataset})"
                 )
             metrics = gres_evaluate(model, loader, device=device, threshold=args.threshold,
+                                    no_target_threshold=args.no_target_threshold,
                                     at_original_size=not args.resized)
         else:
             metrics = evaluate(model, loader, device=device, at_original_size=not args.resized,

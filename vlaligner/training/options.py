@@ -428,6 +428,9 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="per-process batch")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
+    p.add_argument("--no-target-threshold", type=float, default=None, metavar="P",
+                   help="generalized sets (grefcoco): no-target probability above which a sentence is "
+                        "answered 'no target' (default 0.5, as training evaluates)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on GPU")
     p.add_argument("--output", type=Path, default=None, help="metrics file (default CHECKPOINT/metrics.json); the splits evaluated replace theirs, "
@@ -491,6 +494,15 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
         raise UsageError(f"--img-size must be a positive multiple of 32, got {args.img_size}")
     if not 0.0 < args.threshold < 1.0:
         raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.no_target_threshold is not None and args.dataset not in GENERALIZED:
+        raise UsageError(
+            f"--no-target-threshold applies to generalized sets ({', '.join(sorted(GENERALIZED))}); "
+            f"got --dataset {args.dataset}"
+        )
+    if args.no_target_threshold is None:
+        args.no_target_threshold = 0.5
+    if not 0.0 < args.no_target_threshold < 1.0:
+        raise UsageError(f"--no-target-threshold must be in (0, 1), got {args.no_target_threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     resolve_device_option(args)
