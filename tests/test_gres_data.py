@@ -325,3 +325,39 @@ def test_generalized_command_lines(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "no_target" in run.stdout and "'grefcoco'" in run.stdout
     for name in ("grefcoco/grefs(unc).json", "grefcoco/instances.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "mod" / name).read_bytes()
+
+
+def test_flipped_generalized_samples_keep_their_meaning(gsynth: Path) -> None:
+    """The training flip (scratch-small's) on the generalized set: the swapped sentence names
+    exactly the same objects in the mirrored scene (by the independent reader above), and the
+    no-target flag, the target count and the union mask follow."""
+    inst = json.loads((gsynth / "grefcoco/instances.json").read_text())
+    size = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
+    per_image: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        h, w = size[a["image_id"]]
+        per_image.setdefault(a["image_id"], []).append(dict(a, mask=decode_segmentation(a["segmentation"], h, w)))
+    plain = RefDataset(gsynth, "grefcoco", "unc", "train", img_size=32)
+    aug = RefDataset(gsynth, "grefcoco", "unc", "train", img_size=32, augment=True)
+    aug.set_augment_seed(0)
+    flipped = {"no_target": 0, "multi": 0, "left/right": 0}
+    for i in range(len(plain)):
+        a, b = plain[i], aug[i]
+        assert (b["no_target"], b["num_targets"], b["ann_ids"]) == (a["no_target"], a["num_targets"], a["ann_ids"])
+        if torch.equal(b["image"], a["image"]):
+            assert b["sentence"] == a["sentence"] and torch.equal(b["orig_mask"], a["orig_mask"])
+            continue
+        assert torch.equal(b["image"], a["image"].flip(-1)) and torch.equal(b["orig_mask"], a["orig_mask"].flip(-1))
+        objs = per_image[b["image_id"]]
+        h, w = size[b["image_id"]]
+        mirrored = [
+            dict(o, attributes=dict(o["attributes"], centre=[w - o["attributes"]["centre"][0], o["attributes"]["centre"][1]]),
+                 mask=o["mask"][:, ::-1])
+            for o in objs
+        ]
+        expected = {k for k, o in enumerate(objs) if o["id"] in b["ann_ids"]}
+        assert _interpret(b["sentence"], mirrored, h, w) == expected, (a["sentence"], b["sentence"])
+        flipped["no_target"] += bool(b["no_target"])
+        flipped["multi"] += b["num_targets"] > 1
+        flipped["left/right"] += b["sentence"] != a["sentence"]
+    assert all(v > 0 for v in flipped.values()), flipped

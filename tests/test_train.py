@@ -481,6 +481,20 @@ def test_a_classic_checkpoint_starts_a_generalized_run(synthetic, tmp_path):
         train_main(argv)
 
 
+def test_the_recipe_flip_reaches_the_training_set_only(synthetic, tmp_path):
+    """scratch-small's flip is the training loader's; validation is never flipped; --no-augment turns it off."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(tokenize=None)
+    args = options.resolve_train_args(_argv(synthetic, tmp_path / "a"))
+    train, val = trainer.make_datasets(args, model, synthetic)
+    assert args.recipe == "scratch-small+custom" and args.recipe_fields["augment"] is True
+    assert trainer._base_dataset(train).augment is True and trainer._base_dataset(val).augment is False
+    args = options.resolve_train_args(_argv(synthetic, tmp_path / "b", "--no-augment"))
+    train, _ = trainer.make_datasets(args, model, synthetic)
+    assert trainer._base_dataset(train).augment is False
+
+
 def test_evaluate_takes_the_no_target_threshold_on_generalized_sets(synthetic, tmp_path, capsys):
     """--no-target-threshold moves N-acc / T-acc to their ends; a classic set refuses it."""
     gsynth = ensure_synthetic_set(tmp_path / "gset", num_images=8, seed=0, generalized=True)
@@ -504,6 +518,12 @@ def test_evaluate_takes_the_no_target_threshold_on_generalized_sets(synthetic, t
     assert "--no-target-threshold applies to generalized sets (grefcoco); got --dataset refcoco" in (
         capsys.readouterr().err
     )
+    # a classic checkpoint without --dataset: its own training set is named
+    classic = tmp_path / "classic"
+    assert train_main(_argv(synthetic, classic, "--max-steps", "1")) == 0
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", str(classic / "last"), "--no-target-threshold", "0.3"])
+    assert "got --dataset refcoco (given, or the checkpoint's training set)" in capsys.readouterr().err
 
 
 def test_torchrun_evaluate_refuses_a_foreign_output_on_every_process(synthetic, tmp_path):

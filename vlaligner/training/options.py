@@ -497,7 +497,7 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
     if args.no_target_threshold is not None and args.dataset not in GENERALIZED:
         raise UsageError(
             f"--no-target-threshold applies to generalized sets ({', '.join(sorted(GENERALIZED))}); "
-            f"got --dataset {args.dataset}"
+            f"got --dataset {args.dataset} (given, or the checkpoint's training set)"
         )
     if args.no_target_threshold is None:
         args.no_target_threshold = 0.5
