@@ -259,6 +259,17 @@ def _interpret(text: str, objs: list[dict], h: int, w: int) -> set:
     return {pick()}
 
 
+def _scenes(root: Path) -> tuple[dict, dict]:
+    """``({image_id: (h, w)}, {image_id: [annotation dicts with their decoded (H W) "mask"]})``."""
+    inst = json.loads((root / "grefcoco/instances.json").read_text())
+    size = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
+    per_image: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        h, w = size[a["image_id"]]
+        per_image.setdefault(a["image_id"], []).append(dict(a, mask=decode_segmentation(a["segmentation"], h, w)))
+    return size, per_image
+
+
 def test_generalized_layout_and_proportions(gsynth: Path) -> None:
     assert (gsynth / "grefcoco/grefs(unc).json").is_file() and (gsynth / "grefcoco/instances.json").is_file()
     assert (gsynth / "images/train2014").is_dir()
@@ -282,13 +293,8 @@ def test_generalized_layout_and_proportions(gsynth: Path) -> None:
 
 
 def test_generalized_sentences_match_their_scene(gsynth: Path) -> None:
-    inst = json.loads((gsynth / "grefcoco/instances.json").read_text())
     refs = json.loads((gsynth / "grefcoco/grefs(unc).json").read_text())
-    size = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
-    per_image: dict[int, list[dict]] = {}
-    for a in inst["annotations"]:
-        h, w = size[a["image_id"]]
-        per_image.setdefault(a["image_id"], []).append(dict(a, mask=decode_segmentation(a["segmentation"], h, w)))
+    size, per_image = _scenes(gsynth)
     checked = {"single": 0, "multi": 0, "no_target": 0}
     for r in refs:
         objs = per_image[r["image_id"]]
@@ -331,12 +337,7 @@ def test_flipped_generalized_samples_keep_their_meaning(gsynth: Path) -> None:
     """The training flip (scratch-small's) on the generalized set: the swapped sentence names
     exactly the same objects in the mirrored scene (by the independent reader above), and the
     no-target flag, the target count and the union mask follow."""
-    inst = json.loads((gsynth / "grefcoco/instances.json").read_text())
-    size = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
-    per_image: dict[int, list[dict]] = {}
-    for a in inst["annotations"]:
-        h, w = size[a["image_id"]]
-        per_image.setdefault(a["image_id"], []).append(dict(a, mask=decode_segmentation(a["segmentation"], h, w)))
+    size, per_image = _scenes(gsynth)
     plain = RefDataset(gsynth, "grefcoco", "unc", "train", img_size=32)
     aug = RefDataset(gsynth, "grefcoco", "unc", "train", img_size=32, augment=True)
     aug.set_augment_seed(0)
