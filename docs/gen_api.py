@@ -33,6 +33,7 @@ MODULES: Tuple[Tuple[str, str], ...] = (
     ("vlaligner.no_target", "the no-target decision for generalized referring segmentation (torch only)"),
     ("vlaligner.gres_losses", "the no-target loss terms (gRefCOCO)"),
     ("vlaligner.gres_metrics", "gIoU, cIoU, Pr@X, N-acc and T-acc as ReLA's evaluator (gRefCOCO)"),
+    ("vlaligner.no_target_threshold", "the no-target threshold chosen on a validation split (gRefCOCO)"),
     ("vlaligner.gres_eval", "evaluate a generalized model over a loader (gRefCOCO)"),
     ("vlaligner.data", "RefCOCO / RefCOCO+ / G-Ref / gRefCOCO loading, transforms, the synthetic sets (extra `data`)"),
     ("vlaligner.models", "the full EAVL model and its builders (extra `models`)"),

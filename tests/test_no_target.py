@@ -308,7 +308,7 @@ def _gres_dist_worker(rank: int, world: int, init_file: str, result_file: str) -
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mine = _fake_gres_batches()[rank::world]
-        result = gres_evaluate(_FakeGRESModel(), mine, at_original_size=False)
+        result = gres_evaluate(_FakeGRESModel(), mine, at_original_size=False, choose_no_target_threshold=True)
         if rank == 0:
             torch.save(result, result_file)
     finally:
@@ -316,7 +316,7 @@ def _gres_dist_worker(rank: int, world: int, init_file: str, result_file: str) -
 
 
 def test_gres_evaluate_two_processes_equals_one(tmp_path: Path) -> None:
-    """Every sum, the split by number of targets included, is all-reduced exactly."""
+    """Every sum, the split by number of targets included, is all-reduced exactly; the balanced threshold is chosen on all samples."""
     import torch.multiprocessing as mp
 
     from vlaligner.gres_eval import gres_evaluate
@@ -324,6 +324,7 @@ def test_gres_evaluate_two_processes_equals_one(tmp_path: Path) -> None:
     result = tmp_path / "r.pt"
     mp.start_processes(_gres_dist_worker, args=(2, str(tmp_path / "init"), str(result)), nprocs=2,
                        join=True, start_method="fork")
-    whole = gres_evaluate(_FakeGRESModel(), _fake_gres_batches(), at_original_size=False)
+    whole = gres_evaluate(_FakeGRESModel(), _fake_gres_batches(), at_original_size=False, choose_no_target_threshold=True)
     assert not math.isnan(whole["gIoU-single"]) and not math.isnan(whole["gIoU-multi"])
+    assert not math.isnan(whole["balanced_threshold"])  # chosen over both processes' samples
     assert torch.load(result) == pytest.approx(whole, nan_ok=True)

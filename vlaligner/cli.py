@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "cards without bf16) on GPU, under autocast")
     seg.add_argument("--threshold", type=_probability, default=0.5,
                      help="probability above which a pixel belongs to the mask; default 0.5")
-    seg.add_argument("--no-target-threshold", type=_probability, default=0.5, metavar="P",
+    seg.add_argument("--no-target-threshold", type=_probability, default=None, metavar="P",
                      help="for a model with a no-target head (generalized, gRefCOCO-style): "
                           "answer 'no target' (and write an empty mask) when the model's "
-                          "no-target probability is above P; default 0.5")
+                          "no-target probability is above P; default: the threshold the "
+                          "checkpoint records (chosen on val during training), else 0.5")
     seg.add_argument("--top-words", type=_positive_int, default=3, metavar="K",
                      help="how many most-attended words to show per query; default 3")
     seg.add_argument("--no-exif-transpose", action="store_true",

@@ -383,7 +383,9 @@ class Predictor:
             'float32', 'bfloat16' or 'float16'; lower precision runs under autocast.
         threshold: probability above which a pixel is in ``Prediction.mask``.
         no_target_threshold: no-target probability above which a model with a no-target
-            head answers "no target" (an empty mask); default 0.5.
+            head answers "no target" (an empty mask); default None: the model's own
+            ``no_target_threshold`` (the one its training chose on val and its checkpoint
+            records; 0.5 for a model without one).
         exif_transpose: apply the EXIF orientation of image files and PIL images (default
             True: a phone photo is segmented upright, as a viewer shows it, and the mask is
             in that upright grid); False keeps the stored pixel grid, as the data loaders.
@@ -403,7 +405,7 @@ class Predictor:
         device: Union[str, torch.device, None] = "cpu",
         dtype: Union[str, torch.dtype, None] = None,
         threshold: float = 0.5,
-        no_target_threshold: float = 0.5,
+        no_target_threshold: Optional[float] = None,
         exif_transpose: bool = True,
         compile: Union[bool, str] = False,
         tf32: bool = True,
@@ -423,6 +425,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.threshold = _check_threshold(threshold)
+        if no_target_threshold is None:
+            no_target_threshold = getattr(model, "no_target_threshold", 0.5)
         self.no_target_threshold = _check_threshold(no_target_threshold, "no_target_threshold")
         if not isinstance(exif_transpose, bool):
             raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
@@ -468,7 +472,7 @@ class Predictor:
         tf32: bool = True,
         batch_size: int = _SENTENCE_CHUNK,
         revision: Optional[str] = None,
-        no_target_threshold: float = 0.5,
+        no_target_threshold: Optional[float] = None,
         exif_transpose: bool = True,
     ) -> "Predictor":
         """Load a model saved with ``EAVL.save_pretrained(path)`` and wrap it.
@@ -479,6 +483,8 @@ class Predictor:
                 read from it with ``HF_HUB_OFFLINE=1``; the weights' SHA-256 is still checked).
             revision: branch, tag or commit of a Hub repo.
             device, dtype, threshold, compile, tf32, batch_size: as in the constructor.
+            no_target_threshold: as in the constructor (default: the one the checkpoint
+                records, else 0.5).
 
         Raises:
             FileNotFoundError: ``path`` is missing or lacks model.safetensors / config.json,
@@ -490,7 +496,8 @@ class Predictor:
         resolved = resolve_device(device)
         resolve_dtype(dtype, resolved)
         _check_threshold(threshold)
-        _check_threshold(no_target_threshold, "no_target_threshold")
+        if no_target_threshold is not None:
+            _check_threshold(no_target_threshold, "no_target_threshold")
         if not isinstance(exif_transpose, bool):
             raise TypeError(f"exif_transpose must be a bool, got {type(exif_transpose).__name__}")
         _check_compile(compile)

@@ -61,6 +61,8 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 TEXT_CONFIG_DIR = "text_config"
+#: The no-target threshold of a model that has not recorded one (``EAVL.no_target_threshold``).
+DEFAULT_NO_TARGET_THRESHOLD = 0.5
 # Files that hold pickles: refused, since unpickling runs arbitrary code.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -224,8 +226,26 @@ class EAVL(nn.Module):
         self.max_length = int(max_length)
         self.num_queries = int(query_generator.num_queries)
         self._config: Dict[str, Any] = dict(config) if config else {"builder": None, "kwargs": {}}
+        self._no_target_threshold = DEFAULT_NO_TARGET_THRESHOLD
+        #: how :attr:`no_target_threshold` was chosen (saved beside it in config.json)
+        self.no_target_threshold_source = "default"
 
     # ------------------------------------------------------------------ properties
+    @property
+    def no_target_threshold(self) -> float:
+        """The no-target probability above which the model answers "no target" (default 0.5).
+
+        Training on a generalized set records the threshold chosen on its validation split
+        (``vlaligner.no_target_threshold``); :meth:`save_pretrained` writes it to
+        ``config.json`` (models with a no-target head) and :meth:`from_pretrained` restores
+        it. The predictor and ``evaluate.py`` use it unless given another.
+        """
+        return self._no_target_threshold
+
+    @no_target_threshold.setter
+    def no_target_threshold(self, value: float) -> None:
+        self._no_target_threshold = _checked_no_target_threshold(value, "no_target_threshold")
+
     @property
     def config(self) -> Dict[str, Any]:
         """``{"builder": name, "kwargs": {...}}``: how to rebuild this model (a copy)."""
@@ -477,6 +497,9 @@ class EAVL(nn.Module):
             "format_version": FORMAT_VERSION,
             "weights_sha256": _sha256(directory / WEIGHTS_NAME),
         }
+        if self.no_target_head is not None:
+            config["no_target_threshold"] = self.no_target_threshold
+            config["no_target_threshold_source"] = str(self.no_target_threshold_source)
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         atomic_write_text(directory / CONFIG_NAME, text)
         if push_to_hub is not None:
@@ -570,6 +593,9 @@ class EAVL(nn.Module):
                 "the run that saved them had diverged (its loss became NaN / inf): use an earlier checkpoint"
             )
         model.load_checkpoint_state(state, strict=strict, source=str(weights))
+        if "no_target_threshold" in config:
+            model.no_target_threshold = config["no_target_threshold"]
+            model.no_target_threshold_source = str(config.get("no_target_threshold_source", "recorded"))
         # Eval mode, as transformers' from_pretrained: dropout off, BatchNorm on saved statistics.
         return model.to(map_location).eval()
 
@@ -716,6 +742,12 @@ def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _checked_no_target_threshold(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a probability in (0, 1), got {value!r}")
+    return float(value)
+
+
 def _read_config(path: Path, expected: str) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -733,6 +765,11 @@ def _read_config(path: Path, expected: str) -> Dict[str, Any]:
         raise ValueError(
             f"{path} must be a JSON object with 'builder' (str) and 'kwargs' (object), got {str(config)[:200]}"
         )
+    if "no_target_threshold" in config:
+        try:
+            _checked_no_target_threshold(config["no_target_threshold"], f"{path}: no_target_threshold")
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from error
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

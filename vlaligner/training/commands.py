@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ..fileio import atomic_write_text
-from ..gres_eval import gres_evaluate
+from ..gres_eval import BALANCED_KEYS, gres_evaluate
 from .distributed import DistEnv, init_distributed
 from .evaluation import GRES_KEYS, evaluate, format_metrics_table
 from .options import GENERALIZED, OneLineParser, UsageError, build_eval_parser, resolve_eval_args, resolve_train_args
@@ -105,9 +105,16 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
                     f"--dataset {args.dataset} is evaluated with the GRES metrics, which need a model with a "
                     f"no-target head; {args.checkpoint} has none (train it with --dataset {args.dataset})"
                 )
+            given = args.no_target_threshold is not None
+            no_target_threshold = args.no_target_threshold if given else model.no_target_threshold
+            if env.is_main and split == args.split[0]:
+                print(f"no-target threshold {no_target_threshold:g} ("
+                      + ("--no-target-threshold" if given else f"the checkpoint's: {model.no_target_threshold_source}")
+                      + ")", file=sys.stderr)
             metrics = gres_evaluate(model, loader, device=device, threshold=args.threshold,
-                                    no_target_threshold=args.no_target_threshold,
-                                    at_original_size=not args.resized)
+                                    no_target_threshold=no_target_threshold,
+                                    at_original_size=not args.resized, choose_no_target_threshold=True)
+            metrics["no_target_threshold"] = float(no_target_threshold)
         else:
             metrics = evaluate(model, loader, device=device, at_original_size=not args.resized,
                                threshold=args.threshold, amp_dtype=amp_dtype,
@@ -142,6 +149,11 @@ def evaluate_main(argv: Optional[Sequence[str]] = None, *, prog: str = "evaluate
             print(f"{args.checkpoint} on {args.dataset} ({args.split_by}), compared at the {convention}, percent:")
             if args.dataset in GENERALIZED:
                 print(format_metrics_table(results, keys=GRES_KEYS))
+                threshold = next(iter(results.values()))["no_target_threshold"]
+                print(f"(at the no-target threshold {threshold:g}.) Each split's own balanced threshold, the one "
+                      "that maximises (N-acc + T-acc) / 2 there (choose it on val, then pass it with "
+                      "--no-target-threshold for the other splits):")
+                print(format_metrics_table(results, keys=BALANCED_KEYS))
             else:
                 print(format_metrics_table(results))
             diversity = {s: m for s, m in results.items() if "query_mask_iou" in m}

@@ -215,6 +215,10 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                    help="grefcoco: weight of the no-target BCE term added to the mask loss")
     g.add_argument("--no-target-pos-weight", type=float, default=9.0,
                    help="grefcoco: positive-class weight of the no-target BCE (about targeted / no-target)")
+    g.add_argument("--choose-no-target-threshold", action=argparse.BooleanOptionalAction, default=True,
+                   help="grefcoco: at each evaluation choose the no-target threshold on the validation split "
+                        "(the one that maximises (N-acc + T-acc) / 2) and record it in the checkpoints, where "
+                        "the predictor and evaluate.py read it (default on; off: 0.5)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an output dir of an earlier run (removes only that run's own files)")
@@ -430,7 +434,8 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
     p.add_argument("--no-target-threshold", type=float, default=None, metavar="P",
                    help="generalized sets (grefcoco): no-target probability above which a sentence is "
-                        "answered 'no target' (default 0.5, as training evaluates)")
+                        "answered 'no target' (default: the threshold the checkpoint records, chosen on val "
+                        "during training; 0.5 for a checkpoint that records none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on GPU")
     p.add_argument("--output", type=Path, default=None, help="metrics file (default CHECKPOINT/metrics.json); the splits evaluated replace theirs, "
@@ -499,9 +504,7 @@ def resolve_eval_args(argv: Optional[Sequence[str]] = None, prog: str = "evaluat
             f"--no-target-threshold applies to generalized sets ({', '.join(sorted(GENERALIZED))}); "
             f"got --dataset {args.dataset} (given, or the checkpoint's training set)"
         )
-    if args.no_target_threshold is None:
-        args.no_target_threshold = 0.5
-    if not 0.0 < args.no_target_threshold < 1.0:
+    if args.no_target_threshold is not None and not 0.0 < args.no_target_threshold < 1.0:
         raise UsageError(f"--no-target-threshold must be in (0, 1), got {args.no_target_threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")

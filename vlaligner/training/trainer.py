@@ -331,6 +331,7 @@ class Trainer:
             load_model_weights(self.model, state["path"])
         except ValueError as err:  # weights of another model: a usage mistake, not a crash
             raise UsageError(f"--resume: {err}") from None
+        self._restore_no_target_threshold(Path(state["path"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         saved_total = self.scheduler.lr_lambdas[0].total_steps
@@ -413,9 +414,12 @@ class Trainer:
         t0 = time.perf_counter()
         if self.generalized:
             was_training = self.model.training
+            choose = bool(getattr(self.args, "choose_no_target_threshold", True))
             with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-                metrics = gres_evaluate(self.model, loader, device=self.device)
+                metrics = gres_evaluate(self.model, loader, device=self.device, choose_no_target_threshold=choose)
             self.model.train(was_training)
+            if choose:
+                self._record_no_target_threshold(metrics)
         else:
             metrics = evaluate(
                 self.model, loader, device=self.device, amp_dtype=self.amp_dtype,
@@ -451,6 +455,36 @@ class Trainer:
         if improved:
             self.save("best")
         return metrics
+
+    def _restore_no_target_threshold(self, directory: Path) -> None:
+        """On resume: the threshold last/ recorded (until the next evaluation chooses again)."""
+        bare = unwrap_model(self.model)
+        try:
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if hasattr(bare, "no_target_threshold") and "no_target_threshold" in config:
+            bare.no_target_threshold = config["no_target_threshold"]
+            bare.no_target_threshold_source = str(config.get("no_target_threshold_source", "recorded"))
+
+    def _record_no_target_threshold(self, metrics: dict) -> None:
+        """Give the model the threshold this evaluation chose on val (saved with every checkpoint after it)."""
+        bare = unwrap_model(self.model)
+        chosen = metrics.get("balanced_threshold", math.nan)
+        if not math.isfinite(chosen) or not hasattr(bare, "no_target_threshold"):
+            if self.env.is_main:
+                LOG.warning("no no-target threshold chosen at step %d: %s needs both no-target and targeted "
+                            "samples; the checkpoints keep %.2f", self.step, self.args.val_split,
+                            getattr(bare, "no_target_threshold", 0.5))
+            return
+        bare.no_target_threshold = chosen
+        bare.no_target_threshold_source = (
+            f"max (N-acc + T-acc) / 2 on {self.args.val_split} at step {self.step}"
+        )
+        if self.env.is_main:
+            LOG.info("no-target threshold chosen on %s: %.2f (gIoU %.2f, N-acc %.2f, T-acc %.2f at it; the eval "
+                     "line gives them at 0.5); recorded in the checkpoints", self.args.val_split, chosen, metrics["gIoU@balanced"],
+                     metrics["N-acc@balanced"], metrics["T-acc@balanced"])
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         """``(b 3 S S)`` images on the run's device, channels-last when the model is."""
