@@ -158,7 +158,9 @@ def test_training_records_and_evaluate_uses_the_chosen_threshold(tmp_path: Path,
     assert json.loads((out / "best" / "config.json").read_text())["no_target_threshold"] == (
         best_row["metrics"]["balanced_threshold"]
     )
-    assert "no-target threshold chosen on testA" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "no-target threshold chosen on testA" in log
+    assert "balanced_threshold gIoU@balanced N-acc@balanced T-acc@balanced" in log  # the final table
     # evaluate.py on that split with the recorded threshold reproduces the training's balanced numbers
     capsys.readouterr()
     common = ["--checkpoint", str(out / "last"), "--split", "testA", "--num-workers", "0", "--no-progress"]

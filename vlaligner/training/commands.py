@@ -108,9 +108,13 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
             given = args.no_target_threshold is not None
             no_target_threshold = args.no_target_threshold if given else model.no_target_threshold
             if env.is_main and split == args.split[0]:
-                print(f"no-target threshold {no_target_threshold:g} ("
-                      + ("--no-target-threshold" if given else f"the checkpoint's: {model.no_target_threshold_source}")
-                      + ")", file=sys.stderr)
+                if given:
+                    origin = "--no-target-threshold"
+                elif model.no_target_threshold_source == "default":
+                    origin = "the checkpoint records none: the default"
+                else:
+                    origin = f"the checkpoint's: {model.no_target_threshold_source}"
+                print(f"no-target threshold {no_target_threshold:g} ({origin})", file=sys.stderr)
             metrics = gres_evaluate(model, loader, device=device, threshold=args.threshold,
                                     no_target_threshold=no_target_threshold,
                                     at_original_size=not args.resized, choose_no_target_threshold=True)

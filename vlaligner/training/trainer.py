@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data.cache import ensure_synthetic_set
 from ..fileio import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl
-from ..gres_eval import gres_evaluate
+from ..gres_eval import BALANCED_KEYS, gres_evaluate
 from ..gres_losses import mask_targets_for_no_target, no_target_loss
 from ..losses import mask_bce_loss, soft_dice_loss
 from ..viz import plot_training_curves, save_prediction_grid
@@ -638,6 +638,10 @@ class Trainer:
                 results[f"{args.val_split} (best, step {best['step']})"] = best["metrics"]
                 atomic_write_text(self.out / "best" / "metrics.json", json.dumps({args.val_split: best["metrics"]}, indent=1))
             LOG.info("results:\n%s", format_metrics_table(results, keys=GRES_KEYS if self.generalized else None))
+            if self.generalized and any("balanced_threshold" in m for m in results.values()):
+                LOG.info("the no-target threshold chosen on %s at each of these evaluations (each checkpoint records "
+                         "its own) and the metrics at it:\n%s", args.val_split,
+                         format_metrics_table(results, keys=BALANCED_KEYS))
             self.write_predictions()
             LOG.info("curves: %s, predictions: %s", self.out / "curves.png", self.out / "predictions.png")
             summary = {"best": best, "last": rows[-1] if rows else None}
