@@ -327,4 +327,8 @@ def test_gres_evaluate_two_processes_equals_one(tmp_path: Path) -> None:
     whole = gres_evaluate(_FakeGRESModel(), _fake_gres_batches(), at_original_size=False, choose_no_target_threshold=True)
     assert not math.isnan(whole["gIoU-single"]) and not math.isnan(whole["gIoU-multi"])
     assert not math.isnan(whole["balanced_threshold"])  # chosen over both processes' samples
+    # rank 0's samples alone score otherwise, so the equality below needs the gather
+    half = gres_evaluate(_FakeGRESModel(), _fake_gres_batches()[0::2], at_original_size=False,
+                         choose_no_target_threshold=True)
+    assert half["gIoU@balanced"] != pytest.approx(whole["gIoU@balanced"])
     assert torch.load(result) == pytest.approx(whole, nan_ok=True)

@@ -130,8 +130,14 @@ def test_the_threshold_travels_with_the_checkpoint(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: no_target_threshold must be a probability in \(0, 1\), got 1.5"):
         EAVL.from_pretrained(folder)
+    config["no_target_threshold"] = "0.3"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: no_target_threshold must be a probability in \(0, 1\), got str '0.3'"):
+        EAVL.from_pretrained(folder)
     with pytest.raises(ValueError, match=r"no_target_threshold must be a probability in \(0, 1\), got 0"):
         model.no_target_threshold = 0
+    with pytest.raises(TypeError, match=r"no_target_threshold must be a probability in \(0, 1\), got bool True"):
+        model.no_target_threshold = True
 
 
 # ------------------------------------------------------------------------------ training and evaluate.py
@@ -183,3 +189,28 @@ def test_training_records_and_evaluate_uses_the_chosen_threshold(tmp_path: Path,
     argv[argv.index("--cache-dir") + 1] = str(gsynth)
     assert train_main(argv) == 0
     assert json.loads((off / "last" / "config.json").read_text())["no_target_threshold"] == 0.5
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(off / "last"), "--split", "testA", "--num-workers", "0",
+                          "--no-progress", "--output", str(tmp_path / "off.json")]) == 0
+    assert "no-target threshold 0.5 (the default: no threshold was chosen for this checkpoint)" in capsys.readouterr().err
+
+
+def test_resume_restores_the_recorded_threshold(tmp_path: Path) -> None:
+    """Until the next evaluation chooses again, a resumed run saves the threshold last/ recorded."""
+    from types import SimpleNamespace
+
+    from vlaligner.models import build_eavl_tiny
+    from vlaligner.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    saved = build_eavl_tiny(img_size=64, num_queries=2, no_target=True)
+    saved.no_target_threshold, saved.no_target_threshold_source = 0.13, "max (N-acc + T-acc) / 2 on val at step 7"
+    folder = saved.save_pretrained(tmp_path / "last")
+    fresh = build_eavl_tiny(img_size=64, num_queries=2, no_target=True)
+    Trainer._restore_no_target_threshold(SimpleNamespace(model=fresh), folder)
+    assert fresh.no_target_threshold == 0.13
+    assert fresh.no_target_threshold_source == "max (N-acc + T-acc) / 2 on val at step 7"
+    # a folder without the key (a classic checkpoint) leaves the model's as it is
+    classic = build_eavl_tiny(img_size=64, num_queries=2).save_pretrained(tmp_path / "classic")
+    Trainer._restore_no_target_threshold(SimpleNamespace(model=fresh), classic)
+    assert fresh.no_target_threshold == 0.13

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 __all__ = [
+    "check_probability",
     "check_tensor",
     "check_rank",
     "check_dim",
@@ -23,6 +24,15 @@ __all__ = [
     "check_same_batch",
     "reference_parameter",
 ]
+
+
+def check_probability(name: str, value: object) -> float:
+    """``value`` as a float strictly between 0 and 1, else TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a probability in (0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 < float(value) < 1.0:  # also refuses nan
+        raise ValueError(f"{name} must be a probability in (0, 1), got {value!r}")
+    return float(value)
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._validation import check_probability
 from .gres_metrics import GRESMetricAccumulator
 from .metrics import intersection_union, sum_over_processes
 from .no_target_threshold import balanced_no_target_threshold, gres_scores_at_thresholds
@@ -30,11 +31,6 @@ __all__ = ["gres_predict", "gres_evaluate", "BALANCED_KEYS"]
 #: Keys :func:`gres_evaluate` adds with ``choose_no_target_threshold=True``: the threshold
 #: (a probability, not a percentage) and gIoU / N-acc / T-acc (percent) at it.
 BALANCED_KEYS: tuple[str, ...] = ("balanced_threshold", "gIoU@balanced", "N-acc@balanced", "T-acc@balanced")
-
-
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be a probability in (0, 1), got {value}")
 
 
 def _masks_and_no_target_probability(
@@ -92,8 +88,8 @@ def gres_predict(
     Raises:
         ValueError: a model without a no-target head, or thresholds outside (0, 1).
     """
-    _check_probability("threshold", threshold)
-    _check_probability("no_target_threshold", no_target_threshold)
+    check_probability("threshold", threshold)
+    check_probability("no_target_threshold", no_target_threshold)
     masks, probability = _masks_and_no_target_probability(
         model, batch, torch.device(device), float(threshold), at_original_size
     )
@@ -139,8 +135,8 @@ def gres_evaluate(
     T-acc at it; nan for all four when the split lacks no-target or targeted samples. Choose
     it on val, report the other splits with it.
     """
-    _check_probability("threshold", threshold)
-    _check_probability("no_target_threshold", no_target_threshold)
+    check_probability("threshold", threshold)
+    check_probability("no_target_threshold", no_target_threshold)
     device = torch.device(device)
     model.eval()
     acc = accumulator if accumulator is not None else GRESMetricAccumulator()

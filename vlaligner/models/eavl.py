@@ -32,7 +32,7 @@ from torch import nn
 from .. import __version__
 from ..fileio import atomic_write_dir, atomic_write_file, atomic_write_text
 from ..fileio import sha256_file as _sha256
-from .._validation import check_like, check_nonempty, reference_parameter
+from .._validation import check_like, check_nonempty, check_probability, reference_parameter
 from ..aligner import FixedKernelHead, VisionLanguageAligner
 from ..neck import FusionNeck
 from ..no_target import NoTargetHead
@@ -244,7 +244,7 @@ class EAVL(nn.Module):
 
     @no_target_threshold.setter
     def no_target_threshold(self, value: float) -> None:
-        self._no_target_threshold = _checked_no_target_threshold(value, "no_target_threshold")
+        self._no_target_threshold = check_probability("no_target_threshold", value)
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -742,12 +742,6 @@ def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _checked_no_target_threshold(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be a probability in (0, 1), got {value!r}")
-    return float(value)
-
-
 def _read_config(path: Path, expected: str) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -767,7 +761,7 @@ def _read_config(path: Path, expected: str) -> Dict[str, Any]:
         )
     if "no_target_threshold" in config:
         try:
-            _checked_no_target_threshold(config["no_target_threshold"], f"{path}: no_target_threshold")
+            check_probability(f"{path}: no_target_threshold", config["no_target_threshold"])
         except (TypeError, ValueError) as error:
             raise ValueError(str(error)) from error
     version = config.get("format_version")

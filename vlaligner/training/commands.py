@@ -111,7 +111,7 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv) -> Dict[str, dict]:
                 if given:
                     origin = "--no-target-threshold"
                 elif model.no_target_threshold_source == "default":
-                    origin = "the checkpoint records none: the default"
+                    origin = "the default: no threshold was chosen for this checkpoint"
                 else:
                     origin = f"the checkpoint's: {model.no_target_threshold_source}"
                 print(f"no-target threshold {no_target_threshold:g} ({origin})", file=sys.stderr)
