@@ -11,23 +11,31 @@ number of optimizer steps, then evaluates the final model on the validation spli
 - table IV: without the Multi-Query Estimator (weights 1/n), without the global vision
   feature F_g, without the global text feature F_s, without both, at the reference n.
 
-Defaults: the training script's demo preset (``train_eavl.py --demo``: tiny model, synthetic
-set, CPU; batch, learning rate and input size as tuned for the ten-minute demo) with the
-demo's own budget, ``--steps 1872`` (8 epochs: the reference configuration's validation curve
-is flat over its last epoch, +0.2 mIoU; shorter budgets compare models still climbing), about
-11 min per run with one thread: 10 configurations in about an hour with ``--jobs 2`` on an idle
-2-core CPU. With ``--data-root`` the paper preset applies instead, and every knob is an
-option, so the same script runs the paper's setting on a GPU and real data::
+Presets (every option below overrides them):
 
-    python benchmarks/ablations.py                                  # all 10, CPU defaults
+- ``tiny`` (the default without ``--data-root``): ``examples/train_eavl.py --model tiny`` with
+  its own defaults (the tiny default model and the ``scratch-small`` recipe, synthetic set)
+  at 160 px, batch 16, ``--steps 3000``: the budget of the project's tiny reference run. On one
+  GPU, 18 runs (6 configurations x 3 seeds) take about 7 minutes with ``--device cuda --jobs 7``
+  (``benchmarks/gpu_session.sh``); on a 2-core CPU about 30 to 50 minutes per run.
+- ``demo``: ``examples/train_eavl.py --demo`` (the ten-minute CPU demo's model, recipe and
+  input size), ``--steps 1872`` (its 8 epochs).
+- ``paper`` (the default with ``--data-root``): the training script's defaults (Swin-B +
+  BERT-base, the paper's recipe); ``--steps`` must be given.
+
+The reference configuration is not converged at 3,000 steps (its curve at twice the budget
+keeps rising: ``benchmarks/results/ablations_tiny_6000.md``); the tables compare every
+configuration at the same budget, and say so. Examples::
+
     python benchmarks/ablations.py --list                           # the configurations
-    python benchmarks/ablations.py --configs n1 n8 fixed --steps 300 # a subset
+    python benchmarks/ablations.py --device cuda --jobs 7 --seeds 0 1 2 \\
+        --configs n8 fixed n1 no-estimator n24 no-global             # the measured sweep
     python benchmarks/ablations.py --steps 5 --configs n1 fixed --results-name ablations_smoke
-    python benchmarks/ablations.py --jobs 2 --threads 1 --seeds 0 1 2  # two runs at a time, one core each
+    python benchmarks/ablations.py --preset demo --jobs 2 --threads 1 --seeds 0 1 2  # CPU, demo size
     python benchmarks/ablations.py --model swin-b --pretrained --device cuda --amp bf16 \\
         --data-root data --dataset refcoco+ --img-size 480 --batch-size 32 --lr 5e-5 \\
         --steps 94000 --reference-queries 24 --num-workers 8
-    python benchmarks/ablations.py ... --train-args --augment        # anything for train_eavl.py
+    python benchmarks/ablations.py ... --train-args --eval-every 1000  # anything for train_eavl.py
 
 Runs go to ``--output-dir`` (default ``runs/ablations``), one folder per configuration and
 seed; a finished run whose command and code (training script, package) have not changed is
@@ -57,6 +65,10 @@ TRAIN_SCRIPT = ROOT / "examples" / "train_eavl.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "oIoU")
 DEFAULT_QUERIES = (1, 4, 8, 16, 24)
+#: What each preset sets on the training command line (demo: --demo does it; paper: nothing).
+PRESET_DEFAULTS: Dict[str, Dict[str, Any]] = {"tiny": {"model": "tiny", "img_size": 160, "batch_size": 16}}
+#: Optimizer steps per run when --steps is not given (paper: required).
+PRESET_STEPS: Dict[str, int] = {"tiny": 3000, "demo": 1872}
 # The switches of table IV; each maps onto a flag of examples/train_eavl.py.
 SWITCH_CONFIGS: Dict[str, Dict[str, Any]] = {
     "fixed": {"head": "fixed"},
@@ -107,8 +119,10 @@ def train_command(args: argparse.Namespace, settings: Dict[str, Any], run_dir: P
         "--dataset", args.dataset,
         "--amp", args.amp,
     ] + model_flags(settings)
-    for flag, value in (("--model", args.model), ("--batch-size", args.batch_size), ("--lr", args.lr),
-                        ("--img-size", args.img_size), ("--device", args.device)):
+    preset = PRESET_DEFAULTS.get(args.preset, {})
+    for flag, value in (("--model", args.model or preset.get("model")),
+                        ("--batch-size", args.batch_size or preset.get("batch_size")), ("--lr", args.lr),
+                        ("--img-size", args.img_size or preset.get("img_size")), ("--device", args.device)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.pretrained:
@@ -237,6 +251,11 @@ def _cells(entry: Optional[dict]) -> str:
     return " | ".join(cells) + f" | {entry['minutes']:.1f} |"
 
 
+def _preset_words(preset: str) -> str:
+    return {"demo": "train_eavl.py --demo", "tiny": "train_eavl.py --model tiny with its defaults (no --demo)",
+            "paper": "train_eavl.py's defaults (no --demo)"}.get(preset, f"preset {preset}")
+
+
 def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta: dict) -> str:
     ref = meta["reference_queries"]
     used = meta.get("used") or {}  # what the runs really used (the preset's values included)
@@ -250,7 +269,7 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
     lines = [
         "# Ablations at small scale (paper tables II-IV)", "",
         f"Command: `{meta['command']}`  ",
-        f"Setting: train_eavl.py preset `{meta['preset']}`: model `{used.get('model')}`, {data}, "
+        f"Setting: {_preset_words(meta['preset'])}: model `{used.get('model')}`, {data}, "
         f"{meta['steps']} optimizer steps of batch {used.get('batch_size')} (recipe {used.get('recipe')}: "
         f"{used.get('optimizer')}, lr {used.get('lr')}, poly decay), loss {loss}, "
         f"input {used.get('img_size')}, augmentation {'on' if used.get('augment') else 'off'}, "
@@ -297,10 +316,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, nargs="+", default=list(DEFAULT_QUERIES), help="n of table II")
     p.add_argument("--reference-queries", type=int, default=8,
                    help="n of the baseline that tables III-IV compare against (paper: 24)")
-    p.add_argument("--steps", type=int, default=1872, help="optimizer steps per run (the budget)")
-    p.add_argument("--preset", choices=("demo", "paper"), default=None,
-                   help="train_eavl.py preset for every option not given here: demo (tiny model, CPU "
-                        "settings; the default without --data-root) or paper (the default with it)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run, the budget (default: tiny 3000, demo 1872; paper: required)")
+    p.add_argument("--preset", choices=("tiny", "demo", "paper"), default=None,
+                   help="what every option not given here defaults to: tiny (train_eavl.py --model tiny at "
+                        "160 px, batch 16; the default without --data-root), demo (train_eavl.py --demo) or "
+                        "paper (train_eavl.py's defaults; the default with --data-root)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the preset's)")
@@ -321,7 +342,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "ablations")
-    p.add_argument("--results-name", default="ablations", help="benchmarks/results/<name>.md and .json")
+    p.add_argument("--results-name", default="ablations", help="the tables' file name: <results-dir>/<name>.md and .json")
+    p.add_argument("--results-dir", type=Path, default=None, help="where the tables go (default benchmarks/results)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time (one subprocess each; with --threads 1, up to "
                         "the number of cores). The tables do not depend on it")
@@ -331,9 +353,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="everything after this goes to examples/train_eavl.py unchanged")
     args = p.parse_args(argv)
     if args.preset is None:
-        args.preset = "demo" if args.data_root is None else "paper"
+        args.preset = "tiny" if args.data_root is None else "paper"
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.steps is None:
+        if args.preset not in PRESET_STEPS:
+            p.error(f"--preset {args.preset} needs --steps (the budget of every run)")
+        args.steps = PRESET_STEPS[args.preset]
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if any(n < 1 for n in args.queries + [args.reference_queries]):
@@ -363,8 +389,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "preset": args.preset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
         "val_split": args.val_split, "reference_queries": args.reference_queries, "used": None,
         "data": f"{args.dataset} from {args.data_root}" if args.data_root is not None else "synthetic",
-        "machine": (torch.cuda.get_device_name(0) if (args.device or "").startswith("cuda")
-                    or (args.device is None and args.preset == "paper" and torch.cuda.is_available())
+        # The GPU's name where the runs use one (the training script's "auto" picks CUDA when
+        # present, except with --demo, which trains on the CPU).
+        "machine": (torch.cuda.get_device_name(0) if torch.cuda.is_available() and (
+                    (args.device or "").startswith("cuda") or (args.device in (None, "auto") and args.preset != "demo"))
                     else describe_machine()),
         "torch": torch.__version__,
         "loadavg": "%.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a",
@@ -381,9 +409,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.dry_run:
             return
         records = [done[i] for i in sorted(done)]
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.results_name}.md").write_text(markdown(aggregate(records), configs, meta))
-        (RESULTS / f"{args.results_name}.json").write_text(
+        results = args.results_dir or RESULTS
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"{args.results_name}.md").write_text(markdown(aggregate(records), configs, meta))
+        (results / f"{args.results_name}.json").write_text(
             json.dumps({"meta": meta, "summary": aggregate(records), "runs": records}, indent=2) + "\n")
 
     if args.jobs == 1 or args.dry_run:
@@ -403,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     print(markdown(aggregate(records), configs, meta))
     print(f"{len(records)} runs in {(time.perf_counter() - t0) / 60:.1f} min; wrote "
-          f"{RESULTS / (args.results_name + '.md')} and .json")
+          f"{(args.results_dir or RESULTS) / (args.results_name + '.md')} and .json")
     return 0 if all(r.get("status") == "ok" for r in records) else 1
 
 

@@ -530,3 +530,13 @@ def test_aligner_and_fixed_head_with_skips_train_every_parameter():
     assert_every_parameter_gets_gradient(aligner, mask_bce_loss(out.logits, torch.zeros(2, 16, 16)))
     out = fixed(feats, queries, skips=skips)
     assert_every_parameter_gets_gradient(fixed, mask_bce_loss(out.logits, torch.zeros(2, 16, 16)))
+
+
+def test_auto_method_follows_the_measured_tables():
+    """``auto``: einsum for 1x1 kernels; taps on the CPU; on CUDA taps up to n = 8 and cuDNN's
+    grouped convolution above (benchmarks/results/gpu_dynconv.json)."""
+    from vlaligner.functional import _choose_method
+
+    assert _choose_method(24, 1, "cuda") == _choose_method(8, 1, "cpu") == "einsum"
+    assert [_choose_method(n, 3, "cpu") for n in (1, 8, 24)] == ["taps"] * 3
+    assert [_choose_method(n, 3, "cuda") for n in (1, 8, 9, 24)] == ["taps", "taps", "grouped", "grouped"]

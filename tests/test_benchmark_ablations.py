@@ -55,3 +55,33 @@ def test_jobs_must_be_positive(load_benchmark):
     bench = load_benchmark("ablations")
     with pytest.raises(SystemExit):
         bench.parse_args(["--jobs", "0"])
+
+
+def _command(bench, argv):
+    args = bench.parse_args(argv)
+    return bench.train_command(args, bench.all_configs([8], 8)["n8"], bench.ROOT / "runs" / "x", seed=0)
+
+
+def _value(cmd, flag):
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def test_presets_resolve_to_the_training_command(load_benchmark, tmp_path):
+    bench = load_benchmark("ablations")
+    tiny = _command(bench, [])  # no --data-root: the tiny preset, the measured protocol
+    assert "--demo" not in tiny
+    assert (_value(tiny, "--model"), _value(tiny, "--img-size"), _value(tiny, "--batch-size")) == ("tiny", "160", "16")
+    assert _value(tiny, "--max-steps") == "3000"
+    demo = _command(bench, ["--preset", "demo"])
+    assert "--demo" in demo and _value(demo, "--max-steps") == "1872" and _value(demo, "--model") is None
+    mine = _command(bench, ["--img-size", "128", "--steps", "40"])  # options beat the preset
+    assert _value(mine, "--img-size") == "128" and _value(mine, "--max-steps") == "40"
+    paper = _command(bench, ["--data-root", str(tmp_path), "--steps", "10"])
+    assert "--demo" not in paper and _value(paper, "--model") is None and _value(paper, "--img-size") is None
+
+
+def test_the_paper_preset_needs_a_budget(load_benchmark, tmp_path, capsys):
+    bench = load_benchmark("ablations")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-root", str(tmp_path)])
+    assert "--preset paper needs --steps" in capsys.readouterr().err
