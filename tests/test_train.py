@@ -417,7 +417,10 @@ def test_channels_last_is_the_same_training_in_another_layout(synthetic, tmp_pat
                       load_file(str(out / "last" / "model.safetensors")))
     assert runs["default"][1] is True and all(runs["default"][0]) and len(runs["default"][0]) == 3
     assert runs["plain"][1] is False and not any(runs["plain"][0])
-    assert runs["default"][2] == pytest.approx(runs["plain"][2], rel=1e-4)
+    # The first loss comes before any update: only the layout differs. Later ones also carry
+    # Adam's amplified rounding (below); 4e-4 relative was seen at step 3 on a loaded machine.
+    assert runs["default"][2][0] == pytest.approx(runs["plain"][2][0], rel=1e-5)
+    assert runs["default"][2] == pytest.approx(runs["plain"][2], rel=2e-3)
     # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3).
     for key, value in runs["plain"][3].items():
         torch.testing.assert_close(runs["default"][3][key], value, rtol=0, atol=3e-3, msg=key)
