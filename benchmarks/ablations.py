@@ -356,6 +356,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.preset = "tiny" if args.data_root is None else "paper"
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
+        p.error(f"--results-dir must be a folder (made if missing), got the file {args.results_dir}")
     if args.steps is None:
         if args.preset not in PRESET_STEPS:
             p.error(f"--preset {args.preset} needs --steps (the budget of every run)")

@@ -85,3 +85,16 @@ def test_the_paper_preset_needs_a_budget(load_benchmark, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-root", str(tmp_path)])
     assert "--preset paper needs --steps" in capsys.readouterr().err
+
+
+def test_results_dir_must_be_a_folder_and_receives_the_tables(load_benchmark, tmp_path, monkeypatch, capsys):
+    bench = load_benchmark("ablations")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--results-dir", str(tmp_path / "file")])
+    assert "--results-dir must be a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+    monkeypatch.setattr(bench, "run_one", _fake_run(bench, {}, [0], [0]))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "not-here")
+    assert bench.main(["--configs", "n8", "--results-dir", str(tmp_path / "tables"), "--results-name", "t"]) == 0
+    assert (tmp_path / "tables" / "t.md").is_file() and not (tmp_path / "not-here").exists()

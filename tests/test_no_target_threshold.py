@@ -214,3 +214,16 @@ def test_resume_restores_the_recorded_threshold(tmp_path: Path) -> None:
     classic = build_eavl_tiny(img_size=64, num_queries=2).save_pretrained(tmp_path / "classic")
     Trainer._restore_no_target_threshold(SimpleNamespace(model=fresh), classic)
     assert fresh.no_target_threshold == 0.13
+
+
+def test_a_probability_may_be_any_real_number_type_but_not_a_bool_or_text() -> None:
+    import numpy as np
+
+    from vlaligner._validation import check_probability
+
+    assert check_probability("p", np.float32(0.25)) == pytest.approx(0.25)
+    assert check_probability("p", torch.tensor(0.75)) == 0.75 and check_probability("p", np.float64(0.5)) == 0.5
+    for bad, error in ((True, TypeError), (np.bool_(False), TypeError), ("0.3", TypeError),
+                       (torch.tensor([0.1, 0.2]), TypeError), (float("nan"), ValueError), (1, ValueError)):
+        with pytest.raises(error, match="p must be a probability in \\(0, 1\\)"):
+            check_probability("p", bad)

@@ -7,6 +7,7 @@ broadcasting surprise or a traceback deep inside torch.
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -27,8 +28,13 @@ __all__ = [
 
 
 def check_probability(name: str, value: object) -> float:
-    """``value`` as a float strictly between 0 and 1, else TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float strictly between 0 and 1, else TypeError / ValueError naming ``name``.
+
+    Real numbers of any kind pass (Python, NumPy and 0-d torch scalars); bools and strings do not.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a probability in (0, 1), got {type(value).__name__} {value!r}")
     if not 0.0 < float(value) < 1.0:  # also refuses nan
         raise ValueError(f"{name} must be a probability in (0, 1), got {value!r}")
