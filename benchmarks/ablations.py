@@ -19,7 +19,7 @@ Presets (every option below overrides them):
   GPU, 18 runs (6 configurations x 3 seeds) take about 7 minutes with ``--device cuda --jobs 7``
   (``benchmarks/gpu_session.sh``); on a 2-core CPU about 30 to 50 minutes per run.
 - ``demo``: ``examples/train_eavl.py --demo`` (the ten-minute CPU demo's model, recipe and
-  input size), ``--steps 1872`` (its 8 epochs).
+  input size), ``--steps 2574`` (its 11 epochs).
 - ``paper`` (the default with ``--data-root``): the training script's defaults (Swin-B +
   BERT-base, the paper's recipe); ``--steps`` must be given.
 
@@ -68,7 +68,7 @@ DEFAULT_QUERIES = (1, 4, 8, 16, 24)
 #: What each preset sets on the training command line (demo: --demo does it; paper: nothing).
 PRESET_DEFAULTS: Dict[str, Dict[str, Any]] = {"tiny": {"model": "tiny", "img_size": 160, "batch_size": 16}}
 #: Optimizer steps per run when --steps is not given (paper: required).
-PRESET_STEPS: Dict[str, int] = {"tiny": 3000, "demo": 1872}
+PRESET_STEPS: Dict[str, int] = {"tiny": 3000, "demo": 2574}
 # The switches of table IV; each maps onto a flag of examples/train_eavl.py.
 SWITCH_CONFIGS: Dict[str, Dict[str, Any]] = {
     "fixed": {"head": "fixed"},
@@ -317,7 +317,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference-queries", type=int, default=8,
                    help="n of the baseline that tables III-IV compare against (paper: 24)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per run, the budget (default: tiny 3000, demo 1872; paper: required)")
+                   help="optimizer steps per run, the budget (default: tiny 3000, demo 2574; paper: required)")
     p.add_argument("--preset", choices=("tiny", "demo", "paper"), default=None,
                    help="what every option not given here defaults to: tiny (train_eavl.py --model tiny at "
                         "160 px, batch 16; the default without --data-root), demo (train_eavl.py --demo) or "

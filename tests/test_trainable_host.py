@@ -13,7 +13,7 @@ from torch import nn
 
 from adapters.trainable import HostSegmenter
 from vlaligner.models.tokenizer import load_tiny_tokenizer
-from vlaligner.training.options import UsageError, build_train_parser, resolve_train_args
+from vlaligner.training.options import UsageError, build_train_parser, default_num_workers, resolve_train_args
 
 
 class ToyHost(nn.Module):
@@ -91,9 +91,21 @@ def test_resolve_train_args_for_another_models_script(tmp_path):
     assert (args.model, args.recipe, args.lr, args.epochs, args.batch_size, args.width) == ("tiny", "adam-poly", 1e-3, 2, 4, None)
     assert args.command.startswith("mine.py") and seen == {"model": "tiny"} and not args.demo
     # the rest of the paper's defaults still apply; explicit options win over the defaults
-    assert args.num_workers == 4
+    assert args.num_workers == default_num_workers(4)
     assert resolve_train_args([*common, "--epochs", "5"], parser=parser, defaults=dict(model="tiny", epochs=2)).epochs == 5
     with pytest.raises(UsageError, match="--width must be >= 1, got 0"):
         resolve_train_args([*common, "--width", "0"], parser=parser, defaults={}, check=check)
     with pytest.raises(UsageError, match="--demo is the embedded demo of examples/train_eavl.py; mine.py"):
         resolve_train_args(["--demo"], prog="mine.py", parser=parser, defaults={})
+
+
+def test_the_preset_worker_count_is_capped_by_the_cores(tmp_path, monkeypatch):
+    import vlaligner.training.options as options
+
+    common = ["--model", "tiny", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_num_workers(4) == 2 and default_num_workers(1) == 1 and default_num_workers(0) == 0
+    assert resolve_train_args(common).num_workers == 2  # the paper's 4, on a 2-core machine
+    assert resolve_train_args([*common, "--num-workers", "6"]).num_workers == 6  # explicit: as given
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_train_args(common).num_workers == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from .recipes import RECIPE_FIELDS, RECIPES, resolve_recipe
 
 __all__ = [
     "UsageError", "DATASETS", "DEFAULT_SPLIT_BY", "SPLIT_BYS", "PAPER_DEFAULTS", "DEMO_DEFAULTS", "DEMO_MODEL_KWARGS",
-    "build_train_parser", "resolve_train_args", "resolve_device_option", "build_eval_parser", "resolve_eval_args", "SPLITS", "GENERALIZED",
+    "build_train_parser", "resolve_train_args", "resolve_device_option", "default_num_workers", "build_eval_parser", "resolve_eval_args", "SPLITS", "GENERALIZED",
 ]
 
 
@@ -98,15 +99,31 @@ DEMO_MODEL_KWARGS: Dict[str, Any] = {
     "mask_coords": False,
 }
 DEMO_DEFAULTS: Dict[str, Any] = dict(
-    model="tiny", epochs=8, batch_size=16, img_size=128, output_dir="runs/demo",
+    model="tiny", epochs=11, batch_size=16, img_size=128, output_dir="runs/demo",
     device="cpu", synthetic_images=800, recipe="demo", model_kwargs=DEMO_MODEL_KWARGS,
-    # One compute thread and one loader process: on 2 shared cores two OpenMP threads slow
-    # down 3x as soon as anything else runs (measured); the loader uses the other core.
-    num_workers=1, threads=1,
+    # torch's compute threads (2 on a 2-core machine) and one loader process: alone on 2 cores
+    # that moves 1.35x the images per second of one thread (79.6 against 59.2 img/s), so the
+    # ten minutes hold 11 epochs (2,574 steps) where one thread did 8. Pass --threads 1 on a
+    # machine that is busy with other work: two OpenMP threads then slow down (measured 3x).
+    num_workers=1, threads=None,
     # The plain layout: channels-last buys ConvNeXt little (0.95x CPU, 0.99x wall; benchmarks/
     # bench_layout.py), and the demo's measured numbers are for this layout.
     channels_last=False,
 )
+
+
+def default_num_workers(preferred: int) -> int:
+    """``preferred`` loader processes, at most one per CPU core this process may use.
+
+    A preset's worker count (4 for the paper's run) is capped on small machines, where more
+    workers than cores only makes PyTorch warn and the processes compete; an explicit
+    ``--num-workers`` is never changed.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(preferred, cores))
 
 
 # ============================================================================ arguments
@@ -164,7 +181,7 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--val-samples", type=int, default=None, metavar="N",
                    help="evaluate on the first N validation samples only (quick runs)")
     g.add_argument("--num-workers", type=int, default=None,
-                   help="data loading processes per training process (default 4; 1 with --demo)")
+                   help="data loading processes per training process (default 4, at most one per CPU core; 1 with --demo)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
@@ -198,7 +215,7 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-<dataset> (runs/demo)")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; cpu with --demo)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default torch's; 1 with --demo)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default torch's, one per core; --threads 1 on a busy machine)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
     g.add_argument("--save-every", type=int, default=0, help="also save last/ every N steps (0: every epoch only)")
     g.add_argument("--save-every-minutes", type=float, default=10.0,
@@ -285,6 +302,8 @@ def resolve_train_args(
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+            if key == "num_workers":
+                args.num_workers = default_num_workers(value)
     if check is not None:
         check(args)
 

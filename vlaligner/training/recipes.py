@@ -14,8 +14,9 @@ from random weights needs another recipe entirely (measured: docs/training.md, "
   first hundred steps, where BCE alone first learns "background everywhere"; with the flip
   the tiny default reached 71.01 ± 0.67 val mIoU over 3 seeds against 69.49 ± 1.79 without
   (docs/training.md, "The tiny default").
-- ``demo``: the same fields without the flip, under the name the ten-minute CPU demo has
-  always recorded (it added Dice to ``scratch-small`` before ``scratch-small`` took it too).
+- ``demo``: the ten-minute CPU demo's recipe, under the name it has always recorded: the same
+  fields as ``scratch-small`` since the demo took the flip too (it had added Dice to
+  ``scratch-small`` before ``scratch-small`` took it; docs/training.md, "The demo").
 - ``adam-poly``: Adam at lr 1e-3 with polynomial decay, no warm-up, clipping or weight decay,
   BCE only: the hosts' own optimisation (VLT's learning rate), the default of
   ``adapters/vlt/train_vlt.py`` and the recipe of ``benchmarks/retrofit.py``.
@@ -110,7 +111,7 @@ RECIPES: Dict[str, Recipe] = {
     ),
     "demo": Recipe(
         name="demo", optimizer="adamw", lr=5e-4, weight_decay=0.01, warmup_steps=200,
-        clip_grad=1.0, dice_weight=1.0, mask_bias_init=-2.2, upsample_logits=True,
+        clip_grad=1.0, dice_weight=1.0, mask_bias_init=-2.2, upsample_logits=True, augment=True,
     ),
     "adam-poly": Recipe(name="adam-poly", optimizer="adam", lr=1e-3),
 }
