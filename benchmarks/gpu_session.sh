@@ -18,8 +18,12 @@
 #   - benchmarks/gpu_suite.py dynconv + model (--quick) once the trainings are stopped.
 # Runs that are not finished when their phase ends are stopped and marked so.
 # PHASES (default "tests sweep long demo speed") picks the phases; SWEEP_CONFIGS, SWEEP_SEEDS,
-# SWEEP_JOBS and SWEEP_NAME change the sweep (e.g. the seeds a cut-short session left:
-# PHASES="tests sweep" SWEEP_CONFIGS="n1 no-estimator" SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_rest).
+# SWEEP_JOBS, SWEEP_NAME and SWEEP_STEPS (default 3000) change the sweep (e.g. the seeds a
+# cut-short session left: PHASES="tests sweep" SWEEP_CONFIGS="n1 no-estimator" SWEEP_SEEDS=2
+# SWEEP_NAME=ablations_tiny_rest; the sweep at twice the budget, planned as two calls (a 6,000-step
+# run took 5.9 min among 10 on an H200):
+# PHASES=sweep SWEEP_STEPS=6000 SWEEP_JOBS=10 SWEEP_SEEDS="0 1" SWEEP_NAME=ablations_tiny_6000_sweep,
+# then SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_6000_sweep_s2).
 # SMOKE=1 checks the script on a CPU in a few minutes: every training 4 steps on 8 validation
 # sentences, one seed, device cpu; no MPS, no speed tables.
 set -u
@@ -67,7 +71,7 @@ echo "MPS $MPS at $(elapsed) s"
 PHASES=" ${PHASES:-tests sweep long demo speed} "
 has() { [[ "$PHASES" == *" $1 "* ]]; }
 read -r -a CONFIGS <<< "${SWEEP_CONFIGS:-n8 fixed n1 no-estimator n24 no-global}"
-DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=3000; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; FLIP_STEPS=2800
+DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=${SWEEP_STEPS:-3000}; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; FLIP_STEPS=2800
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SEEDS=(0); S1=4; S2=4; EVAL=2; TINY_STEPS=4; FLIP_STEPS=4
   DEMO_EXTRA=(--max-steps 4 --val-samples 8 --eval-every 2)
@@ -88,7 +92,7 @@ COMMON=(--preset paper --model tiny --img-size 160 --batch-size 16 --device "$DE
 [ "${SMOKE:-0}" = 1 ] && COMMON+=(--val-samples 8)
 if has sweep; then
 $PY benchmarks/ablations.py "${COMMON[@]}" --steps $S1 --configs "${CONFIGS[@]}" \
-    --seeds "${SEEDS[@]}" --jobs "${SWEEP_JOBS:-7}" --output-dir "$RUNS/ablations-3000" \
+    --seeds "${SEEDS[@]}" --jobs "${SWEEP_JOBS:-7}" --output-dir "$RUNS/ablations-$S1" \
     --results-name "${SWEEP_NAME:-ablations_tiny}" --results-dir "$MISC" --train-args --eval-every $EVAL > "$MISC/sweep.log" 2>&1 &
 PIDS+=($!)
 fi
@@ -127,7 +131,7 @@ has speed || STOP=$((BUDGET - 25))
 while [ "$(elapsed)" -lt "$STOP" ] && alive; do
   sleep 5
   if [ $(( $(elapsed) % 60 )) -lt 5 ]; then
-    echo "t=$(elapsed) s: $(ls "$RUNS"/ablations-3000/*.ablation.json 2>/dev/null | wc -l) sweep runs done"
+    echo "t=$(elapsed) s: $(ls "$RUNS"/ablations-$S1/*.ablation.json 2>/dev/null | wc -l) sweep runs done"
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   fi
 done
