@@ -16,8 +16,9 @@ Presets (every option below overrides them):
 - ``tiny`` (the default without ``--data-root``): ``examples/train_eavl.py --model tiny`` with
   its own defaults (the tiny default model and the ``scratch-small`` recipe, synthetic set)
   at 160 px, batch 16, ``--steps 3000``: the budget of the project's tiny reference run. On one
-  GPU, 18 runs (6 configurations x 3 seeds) take about 7 minutes with ``--device cuda --jobs 7``
-  (``benchmarks/gpu_session.sh``); on a 2-core CPU about 30 to 50 minutes per run.
+  H200, 18 runs (6 configurations x 3 seeds) took about 10 minutes of two calls of
+  ``benchmarks/gpu_session.sh`` (``--device cuda``, 4-7 runs at a time, 2.6-3.1 min a run); on a
+  2-core CPU a run takes about 30 minutes alone.
 - ``demo``: ``examples/train_eavl.py --demo`` (the ten-minute CPU demo's model, recipe and
   input size), ``--steps 2574`` (its 11 epochs).
 - ``paper`` (the default with ``--data-root``): the training script's defaults (Swin-B +
@@ -120,9 +121,13 @@ def train_command(args: argparse.Namespace, settings: Dict[str, Any], run_dir: P
         "--amp", args.amp,
     ] + model_flags(settings)
     preset = PRESET_DEFAULTS.get(args.preset, {})
-    for flag, value in (("--model", args.model or preset.get("model")),
-                        ("--batch-size", args.batch_size or preset.get("batch_size")), ("--lr", args.lr),
-                        ("--img-size", args.img_size or preset.get("img_size")), ("--device", args.device)):
+    def given_or_preset(name: str):
+        value = getattr(args, name)
+        return preset.get(name) if value is None else value
+
+    for flag, value in (("--model", given_or_preset("model")),
+                        ("--batch-size", given_or_preset("batch_size")), ("--lr", args.lr),
+                        ("--img-size", given_or_preset("img_size")), ("--device", args.device)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.pretrained:
@@ -251,6 +256,25 @@ def _cells(entry: Optional[dict]) -> str:
     return " | ".join(cells) + f" | {entry['minutes']:.1f} |"
 
 
+def foreign_results(folder: Path, name: str) -> Optional[Path]:
+    """The first of ``<folder>/<name>.md`` / ``.json`` that exists but is not an ablation table.
+
+    The tables are rewritten as runs finish; a file of that name that this script did not
+    write (its JSON is not ``{"meta", "summary", "runs"}``) is never overwritten.
+    """
+    md, js = folder / f"{name}.md", folder / f"{name}.json"
+    if js.exists():
+        try:
+            data = json.loads(js.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return js
+        if not (isinstance(data, dict) and {"meta", "summary", "runs"} <= set(data)):
+            return js
+    elif md.exists():
+        return md
+    return None
+
+
 def _preset_words(preset: str) -> str:
     return {"demo": "train_eavl.py --demo", "tiny": "train_eavl.py --model tiny with its defaults (no --demo)",
             "paper": "train_eavl.py's defaults (no --demo)"}.get(preset, f"preset {preset}")
@@ -358,6 +382,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
         p.error(f"--results-dir must be a folder (made if missing), got the file {args.results_dir}")
+    foreign = foreign_results(args.results_dir or RESULTS, args.results_name)
+    if foreign:
+        p.error(f"{foreign} exists and is not a table this script wrote (no ablation JSON beside it); "
+                "choose another --results-name or --results-dir")
+    for name in ("batch_size", "img_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
     if args.steps is None:
         if args.preset not in PRESET_STEPS:
             p.error(f"--preset {args.preset} needs --steps (the budget of every run)")

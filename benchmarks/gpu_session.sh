@@ -13,8 +13,8 @@
 #     0 and 1 first), 7 runs at a time;
 #   - the reference configuration at twice the budget (6,000 steps, evaluated every 1,000)
 #     to see where its validation curve flattens;
-#   - demo candidates (two lanes): the demo as it is, the demo with the flip, the demo with
-#     the flip at 2,800 steps, the tiny default at 128 px and 900 steps;
+#   - demo candidates (two lanes): the demo as it is (the flip, 11 epochs), the demo without the
+#     flip, the demo at 3,500 steps, the tiny default at 128 px and 900 steps;
 #   - benchmarks/gpu_suite.py dynconv + model (--quick) once the trainings are stopped.
 # Runs that are not finished when their phase ends are stopped and marked so.
 # PHASES (default "tests sweep long demo speed") picks the phases; SWEEP_CONFIGS, SWEEP_SEEDS,
@@ -24,8 +24,8 @@
 # run took 5.9 min among 10 on an H200):
 # PHASES=sweep SWEEP_STEPS=6000 SWEEP_JOBS=10 SWEEP_SEEDS="0 1" SWEEP_NAME=ablations_tiny_6000_sweep,
 # then SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_6000_sweep_s2).
-# SMOKE=1 checks the script on a CPU in a few minutes: every training 4 steps on 8 validation
-# sentences, one seed, device cpu; no MPS, no speed tables.
+# SMOKE=1 checks the script on a CPU in a few minutes: every training 4 steps (the sweep's:
+# SWEEP_STEPS if given) on 8 validation sentences, one seed, device cpu; no MPS, no speed tables.
 set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR [SECONDS]}
 BUDGET=${2:-570}
@@ -71,9 +71,9 @@ echo "MPS $MPS at $(elapsed) s"
 PHASES=" ${PHASES:-tests sweep long demo speed} "
 has() { [[ "$PHASES" == *" $1 "* ]]; }
 read -r -a CONFIGS <<< "${SWEEP_CONFIGS:-n8 fixed n1 no-estimator n24 no-global}"
-DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=${SWEEP_STEPS:-3000}; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; FLIP_STEPS=2800
+DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=${SWEEP_STEPS:-3000}; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; LONG_STEPS=3500
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEVICE=cpu; SEEDS=(0); S1=4; S2=4; EVAL=2; TINY_STEPS=4; FLIP_STEPS=4
+  DEVICE=cpu; SEEDS=(0); S1=${SWEEP_STEPS:-4}; S2=4; EVAL=2; TINY_STEPS=4; LONG_STEPS=4
   DEMO_EXTRA=(--max-steps 4 --val-samples 8 --eval-every 2)
 fi
 RUNS=$(mktemp -d /tmp/gpu-runs.XXXXXX)  # the trainings' folders; bundled, without weights, into OUT/runs.tgz
@@ -112,11 +112,11 @@ demo_run() {  # name, then train_eavl.py options
 }
 mkdir -p "$RUNS/demo"
 TINY128=(--model tiny --img-size 128 --batch-size 16 --max-steps $TINY_STEPS --epochs 100 --eval-every 225)
-has demo && ( demo_run flip-s0 --demo --augment --seed 0; demo_run tiny128-s0 "${TINY128[@]}" --seed 0
-  demo_run flip-s1 --demo --augment --seed 1; demo_run tiny128-s1 "${TINY128[@]}" --seed 1 ) > "$MISC/demo_laneA.log" 2>&1 &
+has demo && ( demo_run noflip-s0 --demo --no-augment --seed 0; demo_run tiny128-s0 "${TINY128[@]}" --seed 0
+  demo_run noflip-s1 --demo --no-augment --seed 1; demo_run tiny128-s1 "${TINY128[@]}" --seed 1 ) > "$MISC/demo_laneA.log" 2>&1 &
 has demo && PIDS+=($!)
-has demo && ( demo_run demo-s0 --demo --seed 0; demo_run flip2800-s0 --demo --augment --max-steps $FLIP_STEPS --epochs 100 --eval-every 350 --seed 0
-  demo_run demo-s1 --demo --seed 1; demo_run flip2800-s1 --demo --augment --max-steps $FLIP_STEPS --epochs 100 --eval-every 350 --seed 1 ) > "$MISC/demo_laneB.log" 2>&1 &
+has demo && ( demo_run demo-s0 --demo --seed 0; demo_run long-s0 --demo --max-steps $LONG_STEPS --epochs 100 --eval-every 500 --seed 0
+  demo_run demo-s1 --demo --seed 1; demo_run long-s1 --demo --max-steps $LONG_STEPS --epochs 100 --eval-every 500 --seed 1 ) > "$MISC/demo_laneB.log" 2>&1 &
 has demo && PIDS+=($!)
 
 # --- stop the trainings when their share of the budget is spent

@@ -98,3 +98,30 @@ def test_results_dir_must_be_a_folder_and_receives_the_tables(load_benchmark, tm
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "not-here")
     assert bench.main(["--configs", "n8", "--results-dir", str(tmp_path / "tables"), "--results-name", "t"]) == 0
     assert (tmp_path / "tables" / "t.md").is_file() and not (tmp_path / "not-here").exists()
+
+
+def test_preset_values_are_not_replaced_silently_and_bad_values_are_refused(load_benchmark, capsys):
+    bench = load_benchmark("ablations")
+    for flag, value, message in (("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+                                 ("--img-size", "-32", "--img-size must be >= 1, got -32"),
+                                 ("--lr", "0", "--lr must be > 0, got 0.0")):
+        with pytest.raises(SystemExit):
+            bench.parse_args([flag, value])
+        assert message in capsys.readouterr().err
+    assert _value(_command(bench, ["--batch-size", "4"]), "--batch-size") == "4"
+
+
+def test_a_file_of_the_tables_name_that_the_script_did_not_write_is_never_overwritten(load_benchmark, tmp_path, capsys):
+    bench = load_benchmark("ablations")
+    (tmp_path / "notes.md").write_text("my notes")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--results-dir", str(tmp_path), "--results-name", "notes"])
+    assert "notes.md exists and is not a table this script wrote" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"mine": 1}')
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--results-dir", str(tmp_path), "--results-name", "other"])
+    assert (tmp_path / "notes.md").read_text() == "my notes" and (tmp_path / "other.json").read_text() == '{"mine": 1}'
+    # the script's own tables (JSON with meta, summary, runs) are rewritten as before
+    (tmp_path / "mine.json").write_text('{"meta": {}, "summary": {}, "runs": []}')
+    (tmp_path / "mine.md").write_text("old table")
+    assert bench.parse_args(["--results-dir", str(tmp_path), "--results-name", "mine"]).results_name == "mine"

@@ -28,7 +28,7 @@ def test_smoke_run_brings_back_the_tables_and_the_runs(tmp_path):
     before = {p: p.read_bytes() for p in tables}
     out = tmp_path / "out"
     env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, PHASES="tests sweep long demo",
-               SWEEP_CONFIGS="n8 fixed", CACHE_DIR=str(tmp_path / "synthetic"))
+               SWEEP_CONFIGS="n8 fixed", SWEEP_STEPS="3", CACHE_DIR=str(tmp_path / "synthetic"))
     done = subprocess.run(["bash", str(SCRIPT), str(out), "400"], env=env, capture_output=True, text=True,
                           cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -38,8 +38,9 @@ def test_smoke_run_brings_back_the_tables_and_the_runs(tmp_path):
         sweep = json.load(bundle.extractfile("./ablations_tiny.json"))
     assert "./ablations_tiny_6000.json" in names and "./cuda_tests.txt" in names
     assert [(r["name"], r["status"]) for r in sweep["runs"]] == [("n8", "ok"), ("fixed", "ok")]
+    assert sweep["meta"]["steps"] == 3  # SWEEP_STEPS sets the sweep's budget
     with tarfile.open(out / "runs.tgz") as bundle:
         runs = bundle.getnames()
-    assert any(n.endswith("demo/flip-s0/metrics.jsonl") for n in runs)
+    assert any(n.endswith("demo/noflip-s0/metrics.jsonl") for n in runs)
     assert not any(n.endswith(".safetensors") for n in runs)
     assert {p: p.read_bytes() for p in tables} == before

@@ -16,7 +16,8 @@ from random weights needs another recipe entirely (measured: docs/training.md, "
   (docs/training.md, "The tiny default").
 - ``demo``: the ten-minute CPU demo's recipe, under the name it has always recorded: the same
   fields as ``scratch-small`` since the demo took the flip too (it had added Dice to
-  ``scratch-small`` before ``scratch-small`` took it; docs/training.md, "The demo").
+  ``scratch-small`` before ``scratch-small`` took it; docs/training.md, "The demo at two
+  threads").
 - ``adam-poly``: Adam at lr 1e-3 with polynomial decay, no warm-up, clipping or weight decay,
   BCE only: the hosts' own optimisation (VLT's learning rate), the default of
   ``adapters/vlt/train_vlt.py`` and the recipe of ``benchmarks/retrofit.py``.
