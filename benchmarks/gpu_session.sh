@@ -13,8 +13,8 @@
 #     0 and 1 first), 7 runs at a time;
 #   - the reference configuration at twice the budget (6,000 steps, evaluated every 1,000)
 #     to see where its validation curve flattens;
-#   - demo candidates (two lanes): the demo as it is (the flip, 11 epochs), the demo without the
-#     flip, the demo at 3,500 steps, the tiny default at 128 px and 900 steps;
+#   - demo candidates (two lanes): the demo as it is (the flip, 14 epochs), the demo without the
+#     flip, the demo at 4,500 steps, the tiny default at 128 px and 900 steps;
 #   - benchmarks/gpu_suite.py dynconv + model (--quick) once the trainings are stopped.
 # Runs that are not finished when their phase ends are stopped and marked so.
 # PHASES (default "tests sweep long demo speed") picks the phases; SWEEP_CONFIGS, SWEEP_SEEDS,
@@ -71,7 +71,7 @@ echo "MPS $MPS at $(elapsed) s"
 PHASES=" ${PHASES:-tests sweep long demo speed} "
 has() { [[ "$PHASES" == *" $1 "* ]]; }
 read -r -a CONFIGS <<< "${SWEEP_CONFIGS:-n8 fixed n1 no-estimator n24 no-global}"
-DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=${SWEEP_STEPS:-3000}; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; LONG_STEPS=3500
+DEVICE=cuda; read -r -a SEEDS <<< "${SWEEP_SEEDS:-0 1 2}"; S1=${SWEEP_STEPS:-3000}; S2=6000; EVAL=1000; DEMO_EXTRA=(); TINY_STEPS=900; LONG_STEPS=4500
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SEEDS=(0); S1=${SWEEP_STEPS:-4}; S2=4; EVAL=2; TINY_STEPS=4; LONG_STEPS=4
   DEMO_EXTRA=(--max-steps 4 --val-samples 8 --eval-every 2)

@@ -73,7 +73,7 @@ def test_presets_resolve_to_the_training_command(load_benchmark, tmp_path):
     assert (_value(tiny, "--model"), _value(tiny, "--img-size"), _value(tiny, "--batch-size")) == ("tiny", "160", "16")
     assert _value(tiny, "--max-steps") == "3000"
     demo = _command(bench, ["--preset", "demo"])
-    assert "--demo" in demo and _value(demo, "--max-steps") == "2574" and _value(demo, "--model") is None
+    assert "--demo" in demo and _value(demo, "--max-steps") == "3276" and _value(demo, "--model") is None
     mine = _command(bench, ["--img-size", "128", "--steps", "40"])  # options beat the preset
     assert _value(mine, "--img-size") == "128" and _value(mine, "--max-steps") == "40"
     paper = _command(bench, ["--data-root", str(tmp_path), "--steps", "10"])

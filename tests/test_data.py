@@ -302,6 +302,8 @@ def test_error_bad_arguments(synth_root: Path) -> None:
         RefDataset(synth_root, "refcoco", "unc", "val", tokenizer="bert")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="augment must be a bool"):
         RefDataset(synth_root, "refcoco", "unc", "val", augment=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cache must be a bool, got str"):
+        RefDataset(synth_root, "refcoco", "unc", "val", cache="yes")  # type: ignore[arg-type]
     bad = RefDataset(synth_root, "refcoco", "unc", "val", tokenizer=lambda s, n: torch.zeros(1, n))
     with pytest.raises(TypeError, match=r"tokenizer must return \(input_ids \(b l\), attention_mask \(b l\)\)"):
         bad[0]
@@ -441,6 +443,36 @@ def test_augmentation_flips_with_sentence(synth_root: Path) -> None:
     assert flipped > 0 and kept > 0
     img, mask, text = hflip_sample(base["image"], base["mask"], "the left one")
     assert text == "the right one" and torch.equal(mask, base["mask"].flip(-1))
+
+
+def test_cache_gives_the_same_items_and_never_a_view_of_itself(synth_root: Path) -> None:
+    common = dict(tokenizer=toy_tokenizer, img_size=40, augment=True)
+    plain = RefDataset(synth_root, "refcoco", "unc", "train", **common)
+    cached = RefDataset(synth_root, "refcoco", "unc", "train", cache=True, **common)
+    indices = list(range(min(12, len(plain))))
+    for epoch in range(3):  # epoch 0 fills the cache, 1 and 2 read it (other flips)
+        plain.set_augment_seed(epoch)
+        cached.set_augment_seed(epoch)
+        for i in indices:
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, b[key]), (epoch, i, key)
+                else:
+                    assert value == b[key], (epoch, i, key)
+    images = {plain.refs[plain.samples[i].ref_id]["image_id"] for i in indices}
+    assert len(cached._image_cache) == len(images) and not plain._image_cache
+    assert len(cached._token_cache) >= len({plain.samples[i].sentence for i in indices})
+    # What a caller does to an item never reaches the cache.
+    cached.set_augment_seed(None)
+    cached.augment = False
+    item = cached[0]
+    for key in ("image", "mask", "orig_mask", "input_ids", "attention_mask"):
+        item[key].zero_()
+    again, reference = cached[0], plain.__class__(synth_root, "refcoco", "unc", "train", tokenizer=toy_tokenizer, img_size=40)[0]
+    for key in ("image", "mask", "orig_mask", "input_ids", "attention_mask"):
+        assert torch.equal(again[key], reference[key]), key
 
 
 # ---------------------------------------------------------------------------- collate

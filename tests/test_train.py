@@ -348,6 +348,19 @@ def test_overwrite_starts_from_scratch(synthetic, tmp_path):
     assert ckpt.load_checkpoint(out / "last")["args"]["seed"] == 1
 
 
+def test_the_sample_cache_trains_exactly_as_loading_every_time(synthetic, tmp_path):
+    # 3 epochs of 3 steps: epoch 1 fills the cache, epochs 2 and 3 read it under other flips.
+    common = ["--max-steps", "9", "--epochs", "3", "--augment", "--eval-every", "0"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train_main(_argv(synthetic, plain, *common)) == 0
+    assert train_main(_argv(synthetic, cached, *common, "--cache-samples")) == 0
+    losses = [(r["step"], r["loss"]) for r in _rows(plain / "losses.jsonl")]
+    assert len(losses) == 9 and [(r["step"], r["loss"]) for r in _rows(cached / "losses.jsonl")] == losses
+    a, b = _model_tensors(plain / "last"), _model_tensors(cached / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["metrics"] for r in _rows(plain / "metrics.jsonl")] == [r["metrics"] for r in _rows(cached / "metrics.jsonl")]
+
+
 def test_resume_is_exact_with_augmentation_and_loader_workers(synthetic, tmp_path):
     # The flips are a function of (seed, epoch, sample), not of a worker's RNG stream, so a
     # resumed run draws the same flips as the uninterrupted one, with loader processes too.
@@ -496,6 +509,10 @@ def test_the_recipe_flip_reaches_the_training_set_only(synthetic, tmp_path):
     args = options.resolve_train_args(_argv(synthetic, tmp_path / "b", "--no-augment"))
     train, _ = trainer.make_datasets(args, model, synthetic)
     assert trainer._base_dataset(train).augment is False
+    assert not trainer._base_dataset(train).cache  # the sample cache is off unless asked for
+    args = options.resolve_train_args(_argv(synthetic, tmp_path / "c", "--cache-samples"))
+    train, val = trainer.make_datasets(args, model, synthetic)
+    assert trainer._base_dataset(train).cache and trainer._base_dataset(val).cache
 
 
 def test_evaluate_takes_the_no_target_threshold_on_generalized_sets(synthetic, tmp_path, capsys):

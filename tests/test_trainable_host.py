@@ -109,3 +109,20 @@ def test_the_preset_worker_count_is_capped_by_the_cores(tmp_path, monkeypatch):
     assert resolve_train_args([*common, "--num-workers", "6"]).num_workers == 6  # explicit: as given
     monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_train_args(common).num_workers == 4
+
+
+def test_the_demo_loads_in_the_training_process_and_keeps_its_samples(tmp_path):
+    out = ["--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    demo = resolve_train_args(["--demo", *out])
+    assert (demo.num_workers, demo.cache_samples, demo.epochs) == (0, True, 14)
+    # the preset's cache gives way to loader processes asked for; an explicit cache does not
+    assert resolve_train_args(["--demo", *out, "--num-workers", "1"]).cache_samples is False
+    assert resolve_train_args(["--demo", *out, "--no-cache-samples"]).cache_samples is False
+    with pytest.raises(UsageError, match="--cache-samples keeps the samples in the training process, but --num-workers 2"):
+        resolve_train_args(["--demo", *out, "--num-workers", "2", "--cache-samples"])
+    # elsewhere off unless asked for, and then with loading in the training process only
+    tiny = ["--model", "tiny", *out]
+    assert resolve_train_args(tiny).cache_samples is False
+    assert resolve_train_args([*tiny, "--cache-samples", "--num-workers", "0"]).cache_samples is True
+    with pytest.raises(UsageError, match="use --num-workers 0"):
+        resolve_train_args([*tiny, "--cache-samples", "--num-workers", "1"])

@@ -84,7 +84,7 @@ GENERALIZED = ("grefcoco",)
 # The optimisation itself (optimizer, lr, warm-up, ...) comes from the model's recipe.
 PAPER_DEFAULTS: Dict[str, Any] = dict(
     model="swin-b", epochs=40, batch_size=32, img_size=None, output_dir=None,
-    device="auto", synthetic_images=800, num_workers=4, threads=None,
+    device="auto", synthetic_images=800, num_workers=4, threads=None, cache_samples=False,
 )
 # The embedded demo: the tiny model at a smaller size on the synthetic set, for about ten
 # minutes on 2 CPU cores (see docs/training.md for how these numbers were chosen).
@@ -99,13 +99,15 @@ DEMO_MODEL_KWARGS: Dict[str, Any] = {
     "mask_coords": False,
 }
 DEMO_DEFAULTS: Dict[str, Any] = dict(
-    model="tiny", epochs=11, batch_size=16, img_size=128, output_dir="runs/demo",
+    model="tiny", epochs=14, batch_size=16, img_size=128, output_dir="runs/demo",
     device="cpu", synthetic_images=800, recipe="demo", model_kwargs=DEMO_MODEL_KWARGS,
-    # torch's compute threads (2 on a 2-core machine) and one loader process: alone on 2 cores
-    # that moves 1.35x the images per second of one thread (79.6 against 59.2 img/s), so the
-    # ten minutes hold 11 epochs (2,574 steps) where one thread did 8. Pass --threads 1 on a
-    # machine that is busy with other work: two OpenMP threads then slow down (measured 3x).
-    num_workers=1, threads=None,
+    # torch's compute threads (2 on a 2-core machine) and the loading in the training process
+    # itself, its samples kept in memory after the first epoch: a loader process took CPU time
+    # from the two OpenMP threads, which then wait for each other (alone on 2 cores, 68.4 img/s
+    # with one loader process, 89.0 without), so ten minutes hold 14 epochs (3,276 steps; 9.6-10.2
+    # min measured, docs/training.md "Loading in the training process"). Pass --threads 1 on a
+    # machine that is busy with other work: two OpenMP threads then slow down.
+    num_workers=0, threads=None, cache_samples=True,
     # The plain layout: channels-last buys ConvNeXt little (0.95x CPU, 0.99x wall; benchmarks/
     # bench_layout.py), and the demo's measured numbers are for this layout.
     channels_last=False,
@@ -181,7 +183,11 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--val-samples", type=int, default=None, metavar="N",
                    help="evaluate on the first N validation samples only (quick runs)")
     g.add_argument("--num-workers", type=int, default=None,
-                   help="data loading processes per training process (default 4, at most one per CPU core; 1 with --demo)")
+                   help="data loading processes per training process (default 4, at most one per CPU core; 0 with "
+                        "--demo: loading in the training process)")
+    g.add_argument("--cache-samples", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each preprocessed image, mask and token ids in memory after its first use (small "
+                        "sets loaded in the training process, so needs --num-workers 0; on with --demo)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
@@ -299,6 +305,7 @@ def resolve_train_args(
     else:
         preset = {**PAPER_DEFAULTS, **defaults}
     env = env or DistEnv.from_environ()
+    explicit_cache = getattr(args, "cache_samples", None) is not None
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -327,6 +334,13 @@ def resolve_train_args(
     for name in ("eval_every", "save_every", "num_workers"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if getattr(args, "cache_samples", None) and args.num_workers > 0:
+        if explicit_cache:
+            raise UsageError(
+                f"--cache-samples keeps the samples in the training process, but --num-workers {args.num_workers} "
+                "loads them in other processes (whose copies end with each epoch); use --num-workers 0"
+            )
+        args.cache_samples = False  # the preset's cache gives way to loader processes the user asked for
     if args.best_metric is None:
         args.best_metric = "gIoU" if args.dataset in GENERALIZED else "mIoU"
     elif (args.best_metric in ("gIoU", "cIoU")) != (args.dataset in GENERALIZED):

@@ -89,7 +89,8 @@ def make_datasets(args: argparse.Namespace, model, data_root: Path):
     """Training and validation RefDatasets tokenized by ``model.tokenize`` (optionally cut short)."""
     from ..data import RefDataset
 
-    common = dict(tokenizer=model.tokenize, img_size=args.img_size, max_length=getattr(args, "max_length", None))
+    common = dict(tokenizer=model.tokenize, img_size=args.img_size, max_length=getattr(args, "max_length", None),
+                  cache=bool(getattr(args, "cache_samples", False)))
     train = RefDataset(data_root, args.dataset, args.split_by, args.train_split, augment=args.augment, **common)
     val = RefDataset(data_root, args.dataset, args.split_by, args.val_split, **common)
     if args.train_samples is not None and args.train_samples < len(train):
@@ -314,8 +315,9 @@ class Trainer:
 
         n_params = sum(p.numel() for p in model.parameters())
         LOG.info(
-            "model %s (%.2f M parameters, input %d), %s: %d train / %d %s samples",
+            "model %s (%.2f M parameters, input %d), %s: %d train / %d %s samples%s",
             args.model, n_params / 1e6, args.img_size, args.dataset, len(self.train_set), len(self.val_set), args.val_split,
+            " (kept in memory after their first use)" if getattr(args, "cache_samples", False) else "",
         )
         LOG.info(
             "global batch %d = %d process(es) x %d accumulation x %d per step; %d steps/epoch, %d steps in all; "
