@@ -23,7 +23,10 @@
 # SWEEP_NAME=ablations_tiny_rest; the sweep at twice the budget, planned as two calls (a 6,000-step
 # run took 5.9 min among 10 on an H200):
 # PHASES=sweep SWEEP_STEPS=6000 SWEEP_JOBS=10 SWEEP_SEEDS="0 1" SWEEP_NAME=ablations_tiny_6000_sweep,
-# then SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_6000_sweep_s2).
+# then SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_6000_sweep_s2). SWEEP_PRESET=demo runs the sweep on
+# the demo's model and recipe (default: the tiny default at 160 px), whose curve is flat by 6,000
+# steps; the configurations the CPU did not reach: PHASES=sweep SWEEP_PRESET=demo SWEEP_STEPS=6000
+# SWEEP_CONFIGS="n1 no-estimator n24 no-global" SWEEP_JOBS=12 SWEEP_NAME=ablations_demo_6000_rest.
 # SMOKE=1 checks the script on a CPU in a few minutes: every training 4 steps (the sweep's:
 # SWEEP_STEPS if given) on 8 validation sentences, one seed, device cpu; no MPS, no speed tables.
 set -u
@@ -89,9 +92,13 @@ has tests && ( timeout 150 $PY -m pytest -q -p no:cacheprovider -k cuda tests/te
 # --- the ablation sweep and the long reference
 COMMON=(--preset paper --model tiny --img-size 160 --batch-size 16 --device "$DEVICE" --num-workers 1 --threads 1
         --cache-dir "$CACHE" --synthetic-images 800)
-[ "${SMOKE:-0}" = 1 ] && COMMON+=(--val-samples 8)
+# SWEEP_PRESET=demo: the sweep on the demo's model, recipe and input size (ablations.py --preset demo)
+SWEEP_COMMON=("${COMMON[@]}")
+[ "${SWEEP_PRESET:-tiny}" = demo ] && SWEEP_COMMON=(--preset demo --device "$DEVICE" --num-workers 1 --threads 1
+        --cache-dir "$CACHE" --synthetic-images 800)
+[ "${SMOKE:-0}" = 1 ] && COMMON+=(--val-samples 8) && SWEEP_COMMON+=(--val-samples 8)
 if has sweep; then
-$PY benchmarks/ablations.py "${COMMON[@]}" --steps $S1 --configs "${CONFIGS[@]}" \
+$PY benchmarks/ablations.py "${SWEEP_COMMON[@]}" --steps $S1 --configs "${CONFIGS[@]}" \
     --seeds "${SEEDS[@]}" --jobs "${SWEEP_JOBS:-7}" --output-dir "$RUNS/ablations-$S1" \
     --results-name "${SWEEP_NAME:-ablations_tiny}" --results-dir "$MISC" --train-args --eval-every $EVAL > "$MISC/sweep.log" 2>&1 &
 PIDS+=($!)

@@ -44,3 +44,20 @@ def test_smoke_run_brings_back_the_tables_and_the_runs(tmp_path):
     assert any(n.endswith("demo/noflip-s0/metrics.jsonl") for n in runs)
     assert not any(n.endswith(".safetensors") for n in runs)
     assert {p: p.read_bytes() for p in tables} == before
+
+
+@pytest.mark.slow
+def test_smoke_sweep_on_the_demo_preset(tmp_path):
+    """SWEEP_PRESET=demo runs the sweep with ablations.py --preset demo (the demo's model and recipe)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, PHASES="sweep", SWEEP_PRESET="demo",
+               SWEEP_CONFIGS="n8 fixed", SWEEP_STEPS="3", SWEEP_NAME="ablations_demo_smoke",
+               CACHE_DIR=str(tmp_path / "synthetic"))
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "300"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with tarfile.open(out / "results.tgz") as bundle:
+        sweep = json.load(bundle.extractfile("./ablations_demo_smoke.json"))
+    assert sweep["meta"]["preset"] == "demo" and sweep["meta"]["steps"] == 3
+    assert [(r["name"], r["status"]) for r in sweep["runs"]] == [("n8", "ok"), ("fixed", "ok")]
+    assert not (ROOT / "benchmarks" / "results" / "ablations_demo_smoke.json").exists()
