@@ -779,10 +779,17 @@ class RefDataset(Dataset):
             )
         return ids[0].to(torch.long), att[0].to(torch.long)
 
-    def _image_tensor(self, image_id: int, info: dict) -> torch.Tensor:
-        """``(3 S S)`` preprocessed image ``image_id`` (from the cache when ``cache``)."""
-        if image_id in self._image_cache:
-            return self._image_cache[image_id]
+    def _kept(self, store: dict, key: Any, make: Callable[[], Any]) -> Any:
+        """``store[key]`` if kept, else ``make()`` (kept in ``store`` when ``cache``)."""
+        if key in store:
+            return store[key]
+        value = make()
+        if self.cache:
+            store[key] = value
+        return value
+
+    def _load_image_tensor(self, info: dict) -> torch.Tensor:
+        """``(3 S S)`` preprocessed image of the ``instances.json`` entry ``info``."""
         path = self.image_dir / info["file_name"]
         image = load_image(path)
         height, width = int(info["height"]), int(info["width"])
@@ -792,37 +799,20 @@ class RefDataset(Dataset):
                 f"{self.instances_file.name} says {width}x{height}; the annotations would not "
                 "line up"
             )
-        img_t = preprocess_image(image, self.img_size)
-        if self.cache:
-            self._image_cache[image_id] = img_t
-        return img_t
+        return preprocess_image(image, self.img_size)
 
-    def _masks(self, ref_id: int) -> tuple[np.ndarray, torch.Tensor]:
+    def _ref_masks(self, ref_id: int) -> tuple[np.ndarray, torch.Tensor]:
         """``(H W)`` bool mask at the original size and ``(S S)`` resized mask of a ref."""
-        if ref_id in self._mask_cache:
-            return self._mask_cache[ref_id]
         orig_np = self.ref_mask(ref_id)
-        masks = (orig_np, resize_mask(orig_np, self.img_size))
-        if self.cache:
-            self._mask_cache[ref_id] = masks
-        return masks
-
-    def _tokens(self, sentence: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(l)`` input ids and attention mask of ``sentence`` (from the cache when ``cache``)."""
-        if sentence in self._token_cache:
-            return self._token_cache[sentence]
-        tokens = self._tokenize(sentence)
-        if self.cache:
-            self._token_cache[sentence] = tokens
-        return tokens
+        return orig_np, resize_mask(orig_np, self.img_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ref_id, sent_id, sentence = self.samples[index]
         ref = self.refs[ref_id]
         info = self.images[int(ref["image_id"])]
         height, width = int(info["height"]), int(info["width"])
-        img_t = self._image_tensor(int(ref["image_id"]), info)
-        orig_np, mask_t = self._masks(ref_id)
+        img_t = self._kept(self._image_cache, int(ref["image_id"]), lambda: self._load_image_tensor(info))
+        orig_np, mask_t = self._kept(self._mask_cache, ref_id, lambda: self._ref_masks(ref_id))
         if self.cache:  # the caller owns what it gets: never a view of the cache
             img_t, mask_t, orig_np = img_t.clone(), mask_t.clone(), orig_np.copy()
         ann_ids = self._ref_anns[ref_id]
@@ -833,7 +823,7 @@ class RefDataset(Dataset):
             orig = orig.flip(-1)
         sample: dict[str, Any] = {"image": img_t}
         if self.tokenizer is not None:
-            ids, att = self._tokens(sentence)
+            ids, att = self._kept(self._token_cache, sentence, lambda: self._tokenize(sentence))
             sample["input_ids"], sample["attention_mask"] = (ids.clone(), att.clone()) if self.cache else (ids, att)
         sample.update(
             mask=mask_t.to(torch.float32),
