@@ -102,10 +102,11 @@ DEMO_DEFAULTS: Dict[str, Any] = dict(
     model="tiny", epochs=14, batch_size=16, img_size=128, output_dir="runs/demo",
     device="cpu", synthetic_images=800, recipe="demo", model_kwargs=DEMO_MODEL_KWARGS,
     # torch's compute threads (2 on a 2-core machine) and the loading in the training process
-    # itself, its samples kept in memory after the first epoch: a loader process took CPU time
-    # from the two OpenMP threads, which then wait for each other (alone on 2 cores, 68.4 img/s
-    # with one loader process, 89.0 without), so ten minutes hold 14 epochs (3,276 steps; 9.6-10.2
-    # min measured, docs/training.md "Loading in the training process"). Pass --threads 1 on a
+    # itself, its samples kept in memory after their first use: a loader process took CPU time
+    # from the two OpenMP threads, which then wait for each other (alone on 2 cores, interleaved
+    # runs: 76.1 img/s with one loader process, 89.3 without, 99.8 without and with the cache),
+    # so ten minutes hold 14 epochs (3,276 steps; 9.6-10.2 min measured, docs/training.md
+    # "Loading in the training process"). Pass --threads 1 on a
     # machine that is busy with other work: two OpenMP threads then slow down.
     num_workers=0, threads=None, cache_samples=True,
     # The plain layout: channels-last buys ConvNeXt little (0.95x CPU, 0.99x wall; benchmarks/
