@@ -104,10 +104,10 @@ DEMO_DEFAULTS: Dict[str, Any] = dict(
     # torch's compute threads (2 on a 2-core machine) and the loading in the training process
     # itself, its samples kept in memory after their first use: a loader process took CPU time
     # from the two OpenMP threads, which then wait for each other (alone on 2 cores, interleaved
-    # runs: 76.1 img/s with one loader process, 89.3 without, 99.8 without and with the cache),
+    # runs: 76.1 img/s with one loader process, 89.3 without it, 99.8 without it and with the cache),
     # so ten minutes hold 14 epochs (3,276 steps; 9.6-10.2 min measured, docs/training.md
-    # "Loading in the training process"). Pass --threads 1 on a
-    # machine that is busy with other work: two OpenMP threads then slow down.
+    # "Loading in the training process"). Pass --threads 1 on a machine that is busy with other
+    # work: two OpenMP threads then slow down.
     num_workers=0, threads=None, cache_samples=True,
     # The plain layout: channels-last buys ConvNeXt little (0.95x CPU, 0.99x wall; benchmarks/
     # bench_layout.py), and the demo's measured numbers are for this layout.
