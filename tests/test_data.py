@@ -470,7 +470,8 @@ def test_cache_gives_the_same_items_and_never_a_view_of_itself(synth_root: Path)
     item = cached[0]
     for key in ("image", "mask", "orig_mask", "input_ids", "attention_mask"):
         item[key].zero_()
-    again, reference = cached[0], plain.__class__(synth_root, "refcoco", "unc", "train", tokenizer=toy_tokenizer, img_size=40)[0]
+    again = cached[0]
+    reference = RefDataset(synth_root, "refcoco", "unc", "train", tokenizer=toy_tokenizer, img_size=40)[0]
     for key in ("image", "mask", "orig_mask", "input_ids", "attention_mask"):
         assert torch.equal(again[key], reference[key]), key
 

@@ -31,7 +31,7 @@ def test_each_model_gets_its_recipe():
     # the from-scratch recipes take the loss where the evaluation reads the masks; the paper's as CRIS
     assert RECIPES["scratch-small"].upsample_logits and RECIPES["demo"].upsample_logits
     assert not paper.upsample_logits and not RECIPES["adam-poly"].upsample_logits
-    # the flip with left/right swap: the tiny default's and (since it moved to 11 epochs) the demo's
+    # the flip with left/right swap: the tiny default's and (since session 12) the demo's
     assert RECIPES["scratch-small"].augment and RECIPES["demo"].augment
     assert not any(RECIPES[name].augment for name in ("paper-finetune", "adam-poly"))
     # the demo's recipe is scratch-small under the name the demo has always recorded

@@ -188,7 +188,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                         "--demo: loading in the training process)")
     g.add_argument("--cache-samples", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each preprocessed image, mask and token ids in memory after its first use (small "
-                        "sets loaded in the training process, so needs --num-workers 0; on with --demo)")
+                        "sets loaded in the training process, so needs --num-workers 0; on with --demo, where "
+                        "asking for --num-workers > 0 turns it off)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
