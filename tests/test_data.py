@@ -21,6 +21,7 @@ from vlaligner.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RefDataset,
+    SampleCacheTooLarge,
     UnsafePickleError,
     collate_ref_batch,
     decode_segmentation,
@@ -30,6 +31,7 @@ from vlaligner.data import (
     load_refs,
     preprocess_image,
     resize_mask,
+    sample_cache_bytes,
     swap_left_right,
 )
 
@@ -474,6 +476,44 @@ def test_cache_gives_the_same_items_and_never_a_view_of_itself(synth_root: Path)
     reference = RefDataset(synth_root, "refcoco", "unc", "train", tokenizer=toy_tokenizer, img_size=40)[0]
     for key in ("image", "mask", "orig_mask", "input_ids", "attention_mask"):
         assert torch.equal(again[key], reference[key]), key
+
+
+def test_sample_cache_bytes_counts_each_kept_tensor() -> None:
+    # 2 images of 3 x 10 x 10 float32; 3 refs on 4 x 5 images (bool original + 10 x 10 bool);
+    # 4 sentences of 6 int64 ids and 6 int64 attention values.
+    assert sample_cache_bytes(2, 10, [(4, 5)] * 3, 4, 6) == 2 * 1200 + 3 * (20 + 100) + 4 * 6 * 16
+    assert sample_cache_bytes(0, 10, [], 0, 6) == 0
+
+
+def test_cache_bytes_is_what_a_full_cache_holds(synth_root: Path) -> None:
+    ds = RefDataset(synth_root, "refcoco", "unc", "val", tokenizer=toy_tokenizer, img_size=24, cache=True)
+    for i in range(len(ds)):
+        ds[i]
+    held = sum(t.numel() * t.element_size() for t in ds._image_cache.values())
+    held += sum(orig.nbytes + m.numel() * m.element_size() for orig, m in ds._mask_cache.values())
+    held += sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in ds._token_cache.values())
+    assert held == ds.cache_bytes()
+
+
+def test_cache_larger_than_free_memory_is_refused(synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlaligner.data.refer as refer
+
+    need = RefDataset(synth_root, "refcoco", "unc", "train", img_size=128).cache_bytes()  # no cache: not checked
+    monkeypatch.setattr(refer, "available_memory_bytes", lambda: 2 * need - 1)
+    with pytest.raises(SampleCacheTooLarge, match=r"cache=True would keep about \d+\.\d MiB of samples of split "
+                       r"'train' \(\d+ images of 3 x 128 x 128 float32 and \d+ masks\), more than 50% of the "
+                       r"\d+\.\d MiB free; the cache is for small sets: turn it off"):
+        RefDataset(synth_root, "refcoco", "unc", "train", img_size=128, cache=True)
+    monkeypatch.setattr(refer, "available_memory_bytes", lambda: 2 * need)
+    RefDataset(synth_root, "refcoco", "unc", "train", img_size=128, cache=True)  # exactly half: accepted
+    monkeypatch.setattr(refer, "available_memory_bytes", lambda: None)  # unknown: not refused
+    RefDataset(synth_root, "refcoco", "unc", "train", img_size=128, cache=True)
+
+
+def test_format_bytes() -> None:
+    from vlaligner.data.memory import format_bytes
+
+    assert [format_bytes(n) for n in (812, 3.4 * 2**20, 41.25 * 2**30, 2048)] == ["812 B", "3.4 MiB", "41.2 GiB", "2.0 KiB"]
 
 
 # ---------------------------------------------------------------------------- collate

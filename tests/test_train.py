@@ -361,6 +361,28 @@ def test_the_sample_cache_trains_exactly_as_loading_every_time(synthetic, tmp_pa
     assert [r["metrics"] for r in _rows(plain / "metrics.jsonl")] == [r["metrics"] for r in _rows(cached / "metrics.jsonl")]
 
 
+def test_a_sample_cache_too_large_for_memory_is_a_usage_error(synthetic, tmp_path, capsys, monkeypatch):
+    import vlaligner.data.refer as refer
+
+    monkeypatch.setattr(refer, "available_memory_bytes", lambda: 1024)
+    assert train_main(_argv(synthetic, tmp_path / "run", "--max-steps", "1", "--cache-samples")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("train_eavl.py: error: --cache-samples: cache=True would keep about ")
+    assert err[0].endswith("of the 1.0 KiB free; the cache is for small sets: turn it off (--no-cache-samples)")
+    assert train_main(_argv(synthetic, tmp_path / "plain", "--max-steps", "1")) == 0  # without the cache: trains
+
+
+def test_the_start_up_log_says_whether_samples_are_kept(tmp_path):
+    demo = options.resolve_train_args(["--demo", "--output-dir", str(tmp_path / "a")])
+    assert trainer._cache_note(demo) == " (kept in memory after their first use)"
+    demo_workers = options.resolve_train_args(["--demo", "--output-dir", str(tmp_path / "b"), "--num-workers", "1"])
+    assert trainer._cache_note(demo_workers) == (
+        " (not kept in memory as the demo's are: --num-workers 1 loads them in other processes)"
+    )
+    plain = options.resolve_train_args(["--model", "tiny", "--output-dir", str(tmp_path / "c"), "--num-workers", "1"])
+    assert trainer._cache_note(plain) == ""
+
+
 def test_resume_is_exact_with_augmentation_and_loader_workers(synthetic, tmp_path):
     # The flips are a function of (seed, epoch, sample), not of a worker's RNG stream, so a
     # resumed run draws the same flips as the uninterrupted one, with loader processes too.

@@ -13,6 +13,7 @@ from .cache import default_cache_dir, ensure_synthetic_set
 from .check import DataCheckReport, DataProblem, check_data
 from .collate import collate_ref_batch
 from .layout import check_data_root
+from .memory import SampleCacheTooLarge, available_memory_bytes, sample_cache_bytes
 from .refer import (
     DATASET_SPLITS,
     DEFAULT_MAX_LENGTH,
@@ -66,6 +67,9 @@ __all__ = [
     "resize_mask",
     "swap_left_right",
     "hflip_sample",
+    "SampleCacheTooLarge",
+    "sample_cache_bytes",
+    "available_memory_bytes",
 ]
 
 

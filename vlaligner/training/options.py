@@ -189,7 +189,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
     g.add_argument("--cache-samples", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each preprocessed image, mask and token ids in memory after its first use (small "
                         "sets loaded in the training process, so needs --num-workers 0; on with --demo, where "
-                        "asking for --num-workers > 0 turns it off)")
+                        "asking for --num-workers > 0 turns it off and the log says so; refused when the "
+                        "full cache would take over half the free memory)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")

@@ -85,14 +85,26 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         raise UsageError(f"--model {args.model}: cannot build the model with these arguments: {err}") from None
 
 
+def _cache_note(args: argparse.Namespace) -> str:
+    """What the start-up log says about the sample cache (also when the demo's gave way)."""
+    if getattr(args, "cache_samples", False):
+        return " (kept in memory after their first use)"
+    if getattr(args, "demo", False) and args.num_workers > 0:
+        return f" (not kept in memory as the demo's are: --num-workers {args.num_workers} loads them in other processes)"
+    return ""
+
+
 def make_datasets(args: argparse.Namespace, model, data_root: Path):
     """Training and validation RefDatasets tokenized by ``model.tokenize`` (optionally cut short)."""
-    from ..data import RefDataset
+    from ..data import RefDataset, SampleCacheTooLarge
 
     common = dict(tokenizer=model.tokenize, img_size=args.img_size, max_length=getattr(args, "max_length", None),
                   cache=bool(getattr(args, "cache_samples", False)))
-    train = RefDataset(data_root, args.dataset, args.split_by, args.train_split, augment=args.augment, **common)
-    val = RefDataset(data_root, args.dataset, args.split_by, args.val_split, **common)
+    try:
+        train = RefDataset(data_root, args.dataset, args.split_by, args.train_split, augment=args.augment, **common)
+        val = RefDataset(data_root, args.dataset, args.split_by, args.val_split, **common)
+    except SampleCacheTooLarge as err:
+        raise UsageError(f"--cache-samples: {err} (--no-cache-samples)") from None
     if args.train_samples is not None and args.train_samples < len(train):
         train = torch.utils.data.Subset(train, range(args.train_samples))
     if args.val_samples is not None and args.val_samples < len(val):
@@ -317,7 +329,7 @@ class Trainer:
         LOG.info(
             "model %s (%.2f M parameters, input %d), %s: %d train / %d %s samples%s",
             args.model, n_params / 1e6, args.img_size, args.dataset, len(self.train_set), len(self.val_set), args.val_split,
-            " (kept in memory after their first use)" if getattr(args, "cache_samples", False) else "",
+            _cache_note(args),
         )
         LOG.info(
             "global batch %d = %d process(es) x %d accumulation x %d per step; %d steps/epoch, %d steps in all; "
