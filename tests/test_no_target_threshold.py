@@ -161,11 +161,15 @@ def test_training_records_and_evaluate_uses_the_chosen_threshold(tmp_path: Path,
     assert config["no_target_threshold_source"] == f"max (N-acc + T-acc) / 2 on testA at step {rows[-1]['step']}"
     best_step = json.loads((out / "best" / "training_state.json").read_text())["best_step"]
     best_row = next(r for r in rows if r["step"] == best_step)
+    # best/ is picked by gIoU at the threshold it records (the first of equal scores wins)
+    assert best_row["metrics"]["gIoU@balanced"] == max(r["metrics"]["gIoU@balanced"] for r in rows)
+    assert best_step == next(r["step"] for r in rows if r["metrics"]["gIoU@balanced"] == best_row["metrics"]["gIoU@balanced"])
     assert json.loads((out / "best" / "config.json").read_text())["no_target_threshold"] == (
         best_row["metrics"]["balanced_threshold"]
     )
     log = (out / "train.log").read_text()
     assert "no-target threshold chosen on testA" in log
+    assert f"new best (gIoU@balanced {rows[0]['metrics']['gIoU@balanced']:.2f})" in log
     assert "balanced_threshold gIoU@balanced N-acc@balanced T-acc@balanced" in log  # the final table
     # evaluate.py on that split with the recorded threshold reproduces the training's balanced numbers
     capsys.readouterr()
@@ -193,6 +197,20 @@ def test_training_records_and_evaluate_uses_the_chosen_threshold(tmp_path: Path,
     assert evaluate_main(["--checkpoint", str(off / "last"), "--split", "testA", "--num-workers", "0",
                           "--no-progress", "--output", str(tmp_path / "off.json")]) == 0
     assert "no-target threshold 0.5 (the default: no threshold was chosen for this checkpoint)" in capsys.readouterr().err
+
+
+def test_best_is_picked_at_the_recorded_threshold() -> None:
+    from vlaligner.training.trainer import selection_key
+
+    chosen = {"gIoU": 40.0, "cIoU": 35.0, "gIoU@balanced": 44.0, "balanced_threshold": 0.2}
+    assert selection_key(chosen, "gIoU") == "gIoU@balanced"
+    assert selection_key(chosen, "cIoU") == "cIoU"  # no cIoU at the chosen threshold: at 0.5
+    none_chosen = {"gIoU": 40.0, "gIoU@balanced": math.nan}  # val without one of the two kinds
+    assert selection_key(none_chosen, "gIoU") == "gIoU"
+    assert selection_key({"gIoU": 40.0}, "gIoU") == "gIoU"  # --no-choose-no-target-threshold
+    assert selection_key({"mIoU": 50.0, "oIoU": 48.0}, "mIoU") == "mIoU"
+    with pytest.raises(KeyError, match="best metric 'oIoU' is not among the evaluation's metrics"):
+        selection_key({"gIoU": 1.0}, "oIoU")
 
 
 def test_resume_restores_the_recorded_threshold(tmp_path: Path) -> None:

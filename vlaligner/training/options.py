@@ -236,7 +236,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                         "off on GPU, not measured there)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="per-process evaluation batch")
     g.add_argument("--best-metric", choices=("mIoU", "oIoU", "gIoU", "cIoU"), default=None,
-                   help="validation metric that picks best/ (default mIoU; gIoU on grefcoco)")
+                   help="validation metric that picks best/ (default mIoU; gIoU on grefcoco, taken at the chosen "
+                        "no-target threshold)")
     g.add_argument("--no-target-weight", type=float, default=1.0,
                    help="grefcoco: weight of the no-target BCE term added to the mask loss")
     g.add_argument("--no-target-pos-weight", type=float, default=9.0,

@@ -44,7 +44,10 @@ from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .sampler import ShardedSampler, epoch_seed
 from .schedule import build_poly_scheduler
 
-__all__ = ["Trainer", "build_model", "make_datasets", "make_loader", "param_digest", "Interrupted", "NonFiniteLossError"]
+__all__ = [
+    "Trainer", "build_model", "make_datasets", "make_loader", "param_digest", "selection_key", "Interrupted",
+    "NonFiniteLossError",
+]
 
 LOG = logging.getLogger("vlaligner.train")
 #: Parameter names of the no-target head (generalized sets): a classic checkpoint passed to
@@ -83,6 +86,20 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         return builder(pretrained=args.pretrained, **kwargs)
     except ValueError as err:  # the builders' own checks of their arguments, as one line
         raise UsageError(f"--model {args.model}: cannot build the model with these arguments: {err}") from None
+
+
+def selection_key(metrics: dict, best_metric: str) -> str:
+    """The key of one evaluation's ``metrics`` whose value picks ``best/``.
+
+    ``best_metric``, except on a generalized set whose evaluation chose a no-target threshold:
+    there gIoU is taken at that threshold (``"gIoU@balanced"``), the one the checkpoint records
+    and inference uses, not at 0.5.
+    """
+    if best_metric == "gIoU" and math.isfinite(metrics.get("gIoU@balanced", math.nan)):
+        return "gIoU@balanced"
+    if best_metric not in metrics:
+        raise KeyError(f"best metric {best_metric!r} is not among the evaluation's metrics {sorted(metrics)}")
+    return best_metric
 
 
 def _cache_note(args: argparse.Namespace) -> str:
@@ -441,7 +458,8 @@ class Trainer:
                 query_diversity=True,
             )
         self.last_eval_step = self.step
-        score = metrics[self.args.best_metric]
+        picked_by = selection_key(metrics, self.args.best_metric)
+        score = metrics[picked_by]
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_step = score, self.step
@@ -454,7 +472,7 @@ class Trainer:
             LOG.info(
                 "eval %s at step %d: %s (%d samples, %.1f s)%s", self.args.val_split, self.step,
                 " ".join(f"{k} {metrics[k]:.2f}" for k in keys), metrics.get("num_samples", 0),
-                time.perf_counter() - t0, " new best" if improved else "",
+                time.perf_counter() - t0, f" new best ({picked_by} {score:.2f})" if improved else "",
             )
             if "query_mask_iou" in metrics:
                 LOG.info(
