@@ -11,6 +11,7 @@ minute on 2 cores. The two-process torchrun run is in ``test_torchrun_two_proces
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def no_model(monkeypatch):
         (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 is not divisible by world size 1 x --grad-accum 4 = 4"),
         (["--batch-size", "8", "--batch-per-step", "3"], "--batch-size 8 is not divisible by world size 1 x --batch-per-step 3"),
         (["--batch-size", "8", "--batch-per-step", "2", "--grad-accum", "2"], "--grad-accum 2 contradicts --batch-per-step 2"),
-        (["--amp", "bf16"], "--amp bf16 needs a CUDA device"),
+        (["--amp", "fp16"], "--amp fp16 needs a CUDA device (got --device cpu); on CPU use --amp bf16"),
         (["--img-size", "70"], "--img-size must be a positive multiple of 32"),
         (["--resume"], "--resume: no checkpoint in"),
         (["--dataset", "refcocog"], "without --data-root a synthetic set is used, which exists as refcoco (unc) and grefcoco"),
@@ -359,6 +360,21 @@ def test_the_sample_cache_trains_exactly_as_loading_every_time(synthetic, tmp_pa
     a, b = _model_tensors(plain / "last"), _model_tensors(cached / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["metrics"] for r in _rows(plain / "metrics.jsonl")] == [r["metrics"] for r in _rows(cached / "metrics.jsonl")]
+
+
+def test_bf16_autocast_trains_and_evaluates_on_the_cpu(synthetic, tmp_path):
+    """--amp bf16 on the CPU: finite losses that differ from float32's, float32 weights saved."""
+    common = ["--max-steps", "2", "--eval-every", "2"]
+    assert train_main(_argv(synthetic, tmp_path / "bf16", *common, "--amp", "bf16")) == 0
+    assert train_main(_argv(synthetic, tmp_path / "fp32", *common)) == 0
+    bf16, fp32 = _rows(tmp_path / "bf16" / "losses.jsonl"), _rows(tmp_path / "fp32" / "losses.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in bf16) and len(bf16) == len(fp32) == 2
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # autocast really ran in bfloat16
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)
+    assert all(t.dtype == torch.float32 for t in _model_tensors(tmp_path / "bf16" / "last").values()
+               if t.is_floating_point())
+    assert "amp bf16" in (tmp_path / "bf16" / "train.log").read_text()
+    assert "mIoU" in _rows(tmp_path / "bf16" / "metrics.jsonl")[-1]["metrics"]
 
 
 def test_a_sample_cache_too_large_for_memory_is_a_usage_error(synthetic, tmp_path, capsys, monkeypatch):

@@ -38,7 +38,7 @@ class UsageError(ValueError):
 
 
 def resolve_device_option(args: argparse.Namespace) -> None:
-    """``--device auto`` -> cuda or cpu; refuse a device that is not there, and AMP without CUDA."""
+    """``--device auto`` -> cuda or cpu; refuse a device that is not there, fp16 AMP off CUDA, bf16 off CUDA / CPU."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -47,8 +47,13 @@ def resolve_device_option(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but no CUDA device is visible")
-    if args.amp != "none" and device.type != "cuda":
-        raise UsageError(f"--amp {args.amp} needs a CUDA device (got --device {args.device}); use --amp none on CPU")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError(
+            f"--amp fp16 needs a CUDA device (got --device {args.device}); on CPU use --amp bf16 (fast on CPUs "
+            "with bfloat16 instructions) or --amp none"
+        )
+    if args.amp == "bf16" and device.type not in ("cuda", "cpu"):
+        raise UsageError(f"--amp bf16 runs on cuda or cpu, got --device {args.device}; use --amp none")
 
 
 def _check_data_source(args: argparse.Namespace) -> None:
@@ -218,7 +223,8 @@ def build_train_parser(prog: str = "train_eavl.py") -> argparse.ArgumentParser:
                    help="recipe field: take the loss at the input size, the logits upsampled as the evaluation "
                         "reads them (--no-upsample-logits: on the logits' grid, target resized nearest, as CRIS)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed precision on GPU (fp16 uses a gradient scaler)")
+                   help="mixed precision: bf16 on GPU or CPU (on a CPU only worth it with bfloat16 "
+                        "instructions, docs/training.md), fp16 on GPU with a gradient scaler")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("run")
@@ -474,7 +480,7 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                         "answered 'no target' (default: the threshold the checkpoint records, chosen on val "
                         "during training; 0.5 for a checkpoint that records none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on GPU")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast: bf16 on GPU or CPU, fp16 on GPU")
     p.add_argument("--output", type=Path, default=None, help="metrics file (default CHECKPOINT/metrics.json); the splits evaluated replace theirs, "
                         "its other splits stay; a file there that is not a metrics file is refused")
     p.add_argument("--no-progress", action="store_true")
