@@ -1,8 +1,9 @@
 """What ``RefDataset(cache=True)`` would keep in memory, and what the machine has free.
 
-The sample cache is meant for small sets (the demo's train and val splits, 640 synthetic images at 128 px, take 225 MiB).
-On a real set it would fill the memory partway through the first epoch; ``RefDataset`` asks
-these functions first and refuses with ``SampleCacheTooLarge`` instead.
+The sample cache is meant for small sets (the demo's train and val splits, 640 synthetic
+images at 128 px, take 225 MiB). On a real set it would fill the memory partway through the
+first epoch; ``RefDataset`` asks these functions first and refuses with
+``SampleCacheTooLarge`` instead.
 """
 from __future__ import annotations
 

@@ -465,9 +465,10 @@ class RefDataset(Dataset):
             ids (per sentence) in memory after their first use, so that later epochs skip the
             decoding, resizing and tokenizing (the flip still runs every time). For small sets
             loaded in the training process itself (the demo: 640 images of 3 x 128 x 128
-            float32 and their 1,757 masks in train and val, 225 MiB by ``cache_bytes()``); each loader process would hold a copy of its own. A set whose
-            full cache would take more than half the free memory is refused with
-            ``SampleCacheTooLarge`` (a ValueError) when the data set is made.
+            float32 and their 1,757 masks in train and val, 225 MiB by ``cache_bytes()``);
+            each loader process would hold a copy of its own. A set whose full cache would
+            take more than half the free memory is refused with ``SampleCacheTooLarge`` (a
+            ValueError) when the data set is made.
 
     Each item is a dict:
         ``image (3 h w)`` float32 normalised; ``input_ids (l)`` long; ``attention_mask (l)``
