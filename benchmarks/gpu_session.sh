@@ -26,8 +26,8 @@
 # then SWEEP_SEEDS=2 SWEEP_NAME=ablations_tiny_6000_sweep_s2). SWEEP_PRESET=demo runs the sweep on
 # the demo's model and recipe (default: the tiny default at 160 px; at 6,000 steps its reference
 # still gains 1.5-3.2 mIoU over the last 1,000, benchmarks/README.md); the configurations the
-# CPU did not reach: PHASES=sweep SWEEP_PRESET=demo SWEEP_STEPS=6000
-# SWEEP_CONFIGS="n1 no-estimator n24 no-global" SWEEP_JOBS=12 SWEEP_NAME=ablations_demo_6000_rest.
+# CPU did not reach (it ran n8, fixed, n1, no-estimator at 3 seeds): PHASES=sweep SWEEP_PRESET=demo
+# SWEEP_STEPS=6000 SWEEP_CONFIGS="n24 no-global" SWEEP_JOBS=12 SWEEP_NAME=ablations_demo_6000_rest.
 # SMOKE=1 checks the script on a CPU in a few minutes: every training 4 steps (the sweep's:
 # SWEEP_STEPS if given) on 8 validation sentences, one seed, device cpu; no MPS, no speed tables.
 set -u
