@@ -510,6 +510,17 @@ def test_cache_larger_than_free_memory_is_refused(synth_root: Path, monkeypatch:
     RefDataset(synth_root, "refcoco", "unc", "train", img_size=128, cache=True)
 
 
+def test_available_memory_is_read_from_the_system() -> None:
+    from vlaligner.data.memory import available_memory_bytes
+
+    free = available_memory_bytes()
+    if os.path.exists("/proc/meminfo"):  # Linux: MemAvailable, at most the machine's memory
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert isinstance(free, int) and 0 < free <= total
+    else:
+        assert free is None or free > 0
+
+
 def test_format_bytes() -> None:
     from vlaligner.data.memory import format_bytes
 

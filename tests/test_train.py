@@ -362,6 +362,16 @@ def test_the_sample_cache_trains_exactly_as_loading_every_time(synthetic, tmp_pa
     assert [r["metrics"] for r in _rows(plain / "metrics.jsonl")] == [r["metrics"] for r in _rows(cached / "metrics.jsonl")]
 
 
+def test_amp_is_refused_where_it_cannot_run():
+    from types import SimpleNamespace
+
+    with pytest.raises(options.UsageError, match="--amp bf16 runs on cuda or cpu, got --device meta; use --amp none"):
+        options.resolve_device_option(SimpleNamespace(device="meta", amp="bf16"))
+    with pytest.raises(options.UsageError, match="--amp fp16 needs a CUDA device \\(got --device meta\\)"):
+        options.resolve_device_option(SimpleNamespace(device="meta", amp="fp16"))
+    options.resolve_device_option(SimpleNamespace(device="cpu", amp="bf16"))  # accepted
+
+
 def test_bf16_autocast_trains_and_evaluates_on_the_cpu(synthetic, tmp_path):
     """--amp bf16 on the CPU: finite losses that differ from float32's, float32 weights saved."""
     common = ["--max-steps", "2", "--eval-every", "2"]
