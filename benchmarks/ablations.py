@@ -26,7 +26,10 @@ Presets (every option below overrides them):
 
 The reference configuration is not converged at 3,000 steps (its curve at twice the budget
 keeps rising: ``benchmarks/results/ablations_tiny_6000.md``); the tables compare every
-configuration at the same budget, and say so. Examples::
+configuration at the same budget, and say so. With ``--train-args --eval-every K`` every run
+is also evaluated along the way, and the tables gain a convergence section: the val mIoU each
+configuration gained over the last sixth of the budget (mean ± std over seeds), "still
+rising" above one point. Examples::
 
     python benchmarks/ablations.py --list                           # the configurations
     python benchmarks/ablations.py --device cuda --jobs 7 --seeds 0 1 2 \\
@@ -55,7 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -66,6 +69,10 @@ TRAIN_SCRIPT = ROOT / "examples" / "train_eavl.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "oIoU")
 DEFAULT_QUERIES = (1, 4, 8, 16, 24)
+#: The tables' convergence check: the mIoU gained over this last part of each run's budget.
+LATE_FRACTION = 1 / 6
+#: A configuration whose mean gain over that last part exceeds this (points) is "still rising".
+FLAT_GAIN = 1.0
 #: What each preset sets on the training command line (demo: --demo does it; paper: nothing).
 PRESET_DEFAULTS: Dict[str, Dict[str, Any]] = {"tiny": {"model": "tiny", "img_size": 160, "batch_size": 16}}
 #: Optimizer steps per run when --steps is not given (paper: required).
@@ -175,6 +182,33 @@ def final_metrics(run_dir: Path, split: str) -> Optional[dict]:
     return rows[-1] if rows else None
 
 
+def validation_curve(run_dir: Path, split: str) -> List[List[float]]:
+    """``[[step, mIoU, Pr@0.9], ...]`` of every evaluation of ``split`` in the run's
+    metrics.jsonl, in step order (empty without the file). With ``--train-args --eval-every K``
+    a run evaluates every K steps, and the tables can say whether it was still learning."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    points = {int(r["step"]): [int(r["step"]), float(r["metrics"]["mIoU"]), float(r["metrics"]["Pr@0.9"])]
+              for r in rows if r.get("split") == split and "step" in r and "metrics" in r}
+    return [points[step] for step in sorted(points)]
+
+
+def late_gain(curve: List[List[float]], fraction: float = LATE_FRACTION) -> Optional[float]:
+    """mIoU gained over the last ``fraction`` of the run: the final evaluation's mIoU minus that
+    of the latest evaluation at or before ``final step x (1 - fraction)``. None when the curve
+    has no evaluation that early (a run evaluated only at its end).
+
+    ``curve``: ``[[step, mIoU, ...], ...]`` in step order (``validation_curve``)."""
+    if len(curve) < 2:
+        return None
+    final_step, final_miou = curve[-1][0], curve[-1][1]
+    start = final_step * (1.0 - fraction)
+    earlier = [point for point in curve[:-1] if point[0] <= start]
+    return None if not earlier else final_miou - earlier[-1][1]
+
+
 def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed: int) -> dict:
     """Train + evaluate one configuration (or reuse a finished identical run)."""
     run_dir = Path(args.output_dir) / f"{name}-seed{seed}"
@@ -186,6 +220,8 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
         if same and record.get("status") == "ok":
             print(f"[{name} seed {seed}] reusing {run_dir} (same command and code; --rerun to train again)",
                   flush=True)
+            if "curve" not in record:  # a record from before curves were kept
+                record["curve"] = validation_curve(run_dir, args.val_split)
             return record
     if args.dry_run:
         print(" ".join(cmd))
@@ -213,7 +249,7 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
         "minutes": minutes, "returncode": code, "run_dir": str(run_dir),
         "status": "ok" if code == 0 and row is not None else "failed",
         "metrics": row["metrics"] if row else None, "step": row["step"] if row else None,
-        "train_args": used,
+        "train_args": used, "curve": validation_curve(run_dir, args.val_split),
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     if record["status"] != "ok":
@@ -227,6 +263,44 @@ def run_one(args: argparse.Namespace, name: str, settings: Dict[str, Any], seed:
     return record
 
 
+def _without_output_dir(command: List[str]) -> List[str]:
+    out = list(command)
+    if "--output-dir" in out and out.index("--output-dir") + 1 < len(out):
+        out[out.index("--output-dir") + 1] = "<output-dir>"
+    return out
+
+
+def included_runs(args: argparse.Namespace, configs: Dict[str, Dict[str, Any]],
+                  planned: List[Tuple[int, str]]) -> List[dict]:
+    """The finished runs of ``--include-runs`` files that this sweep does not train itself.
+
+    A run is taken when its configuration is known here and its training command equals the
+    one this sweep would run for it but for ``--output-dir``; a run of the same configuration
+    and seed with another command (budget, preset, flags) is refused with ``ValueError``
+    naming both commands, since mixing it in would compare unlike runs. Each taken record gains
+    ``included_from`` (the file)."""
+    taken: Dict[Tuple[str, int], dict] = {}
+    for path in args.include_runs:
+        try:
+            document = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"--include-runs {path}: not a readable ablation table ({err})") from None
+        if not (isinstance(document, dict) and isinstance(document.get("runs"), list)):
+            raise ValueError(f"--include-runs {path}: not an ablation table of this script (no 'runs' list)")
+        for record in document["runs"]:
+            key = (record.get("name"), record.get("seed"))
+            if record.get("status") != "ok" or key[0] not in configs or (key[1], key[0]) in planned or key in taken:
+                continue
+            mine = _without_output_dir(_comparable(train_command(args, configs[key[0]], Path("x"), key[1])))
+            theirs = _without_output_dir(record.get("command") or [])
+            if mine != theirs:
+                raise ValueError(
+                    f"--include-runs {path}: run {key[0]} seed {key[1]} was trained with {' '.join(theirs)}, "
+                    f"this sweep trains {' '.join(mine)}; only runs of the same command can share the tables")
+            taken[key] = {**record, "included_from": str(path)}
+    return list(taken.values())
+
+
 # ---------------------------------------------------------------------------- tables
 def aggregate(records: List[dict]) -> Dict[str, dict]:
     """Per configuration: mean (and std over seeds) of every metric, and the minutes."""
@@ -237,6 +311,11 @@ def aggregate(records: List[dict]) -> Dict[str, dict]:
             out[name] = {"seeds": 0}
             continue
         entry: Dict[str, Any] = {"seeds": len(ok), "minutes": statistics.mean(r["minutes"] for r in ok)}
+        gains = [g for g in (late_gain(r.get("curve") or []) for r in ok) if g is not None]
+        if gains:  # runs evaluated along the way (--train-args --eval-every K)
+            entry["late_gain"] = statistics.mean(gains)
+            entry["late_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else None
+            entry["late_gain_runs"] = len(gains)
         for key in METRICS + ("num_samples",):
             values = [float(r["metrics"][key]) for r in ok if key in r["metrics"]]
             if values:
@@ -244,6 +323,49 @@ def aggregate(records: List[dict]) -> Dict[str, dict]:
                 entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
         out[name] = entry
     return out
+
+
+def paired_differences(records: List[dict], reference: str, metric: str = "mIoU") -> Dict[str, dict]:
+    """Per configuration other than ``reference``: ``metric`` minus the reference's at the same
+    seed, over the seeds both finished (a seed's data order and initialisation are shared, so
+    the pairing removes the part of the spread that comes from the seed).
+
+    Returns name -> {"seeds", "differences" (in seed order), "mean", "std" (None for one seed),
+    "consistent"}. ``consistent``: at least two seeds, every difference of one sign, and the
+    mean's size beyond the differences' std; otherwise the difference is within the spread
+    over seeds and says nothing."""
+    ok = [r for r in records if r.get("status") == "ok" and r.get("metrics")]
+    ref = {r["seed"]: float(r["metrics"][metric]) for r in ok if r["name"] == reference}
+    out: Dict[str, dict] = {}
+    for name in dict.fromkeys(r["name"] for r in ok if r["name"] != reference):
+        mine = {r["seed"]: float(r["metrics"][metric]) for r in ok if r["name"] == name}
+        seeds = sorted(set(mine) & set(ref))
+        if not seeds:
+            continue
+        diffs = [mine[seed] - ref[seed] for seed in seeds]
+        mean = statistics.mean(diffs)
+        std = statistics.stdev(diffs) if len(diffs) > 1 else None
+        one_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+        out[name] = {"seeds": seeds, "differences": diffs, "mean": mean, "std": std,
+                     "consistent": bool(std is not None and one_sign and abs(mean) > std)}
+    return out
+
+
+def paired_lines(paired: Dict[str, dict], reference: str) -> List[str]:
+    """The tables' section on differences from the reference, paired by seed."""
+    if not paired:
+        return []
+    lines = ["", f"## Differences from {reference}, paired by seed (mIoU points)", "",
+             "| configuration | per seed | mean ± std | |", "|---|---|---|---|"]
+    for name, entry in paired.items():
+        per_seed = ", ".join(f"{d:+.2f} (s{seed})" for seed, d in zip(entry["seeds"], entry["differences"]))
+        mean = f"{entry['mean']:+.2f}" + (f" ± {entry['std']:.2f}" if entry["std"] is not None else "")
+        verdict = ("beyond the spread" if entry["consistent"] else
+                   "one seed: an anecdote" if entry["std"] is None else "within the spread")
+        lines.append(f"| {name} | {per_seed} | {mean} | {verdict} |")
+    lines += ["", "'Beyond the spread': every seed's difference has the same sign and the mean exceeds the "
+                  "differences' std. Anything else says nothing at this number of seeds."]
+    return lines
 
 
 def _cells(entry: Optional[dict]) -> str:
@@ -280,7 +402,19 @@ def _preset_words(preset: str) -> str:
             "paper": "train_eavl.py's defaults (no --demo)"}.get(preset, f"preset {preset}")
 
 
-def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta: dict) -> str:
+def included_lines(meta: dict) -> List[str]:
+    """The tables' lines naming the runs ``--include-runs`` brought in (none: no lines)."""
+    lines = [
+        f"Included from `{item['file']}` (the same training command but for the output folder; trained by "
+        f"code {', '.join(c[:12] for c in item['code'])}, this sweep's code is {str(meta.get('code', '?'))[:12]}): "
+        + ", ".join(f"{name} seed {seed}" for name, seed in item["runs"]) + ".  "
+        for item in meta.get("included", [])
+    ]
+    return lines + [""] if lines else []
+
+
+def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta: dict,
+             paired: Optional[Dict[str, dict]] = None) -> str:
     ref = meta["reference_queries"]
     used = meta.get("used") or {}  # what the runs really used (the preset's values included)
     data = meta["data"]
@@ -302,6 +436,7 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
         f"same seed, same steps. Metrics (percent) of the final model on `{meta['val_split']}`"
         + (f" ({int(samples)} sentences)" if samples else "") + "; ± is the std over seeds.  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}; load average at start {meta['loadavg']}.", "",
+    ] + included_lines(meta) + [
         "## Table II: number of queries n (aligner with estimator, F_g and F_s)", "",
         "| n " + head, "|---" + sep,
     ]
@@ -324,11 +459,35 @@ def markdown(summary: Dict[str, dict], configs: Dict[str, Dict[str, Any]], meta:
         s = configs[name]
         lines.append(f"| {yes if s['use_estimator'] else no} | {yes if s['use_global_vision'] else no} | "
                      f"{yes if s['use_global_text'] else no} | {_cells(summary.get(name))}")
+    lines += paired_lines(paired or {}, f"n{ref}")
+    lines += convergence_lines(summary, [name for name in shown if name in summary], meta["steps"])
     lines += ["", "Paper (Swin-B + BERT-base, RefCOCO+ val, 25 epochs): more queries help up to n = 24, "
               "the aligner beats the fixed kernel at every n, removing the estimator costs 1.02 points, "
               "and removing F_g or F_s (worst: both) lowers every metric. At this scale differences "
               "smaller than the spread over seeds say nothing."]
     return "\n".join(lines) + "\n"
+
+
+def convergence_lines(summary: Dict[str, dict], names: List[str], steps: int) -> List[str]:
+    """The tables' convergence section: per configuration, the mIoU gained over the last
+    ``LATE_FRACTION`` of the budget (mean ± std over seeds); nothing when no run was evaluated
+    along the way."""
+    rows = [(name, summary[name]) for name in names if summary[name].get("late_gain") is not None]
+    if not rows:
+        return []
+    start = int(round(steps * (1 - LATE_FRACTION)))
+    lines = ["", f"## Convergence: val mIoU gained from step {start} (or the evaluation before it) "
+                 f"to step {steps}", "",
+             "| configuration | gain (points) | runs | |", "|---|---|---|---|"]
+    for name, entry in rows:
+        std = entry.get("late_gain_std")
+        rising = entry["late_gain"] > FLAT_GAIN
+        lines.append(f"| {name} | {entry['late_gain']:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
+                     + f" | {entry['late_gain_runs']} | {'still rising' if rising else 'flat'} |")
+    lines += ["", f"'Still rising': a mean gain over {FLAT_GAIN:g} point over the last "
+                  f"{steps - start} steps; such a configuration has not converged at this budget, "
+                  "and a longer one may change the comparison."]
+    return lines
 
 
 # ---------------------------------------------------------------------------- main
@@ -371,6 +530,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time (one subprocess each; with --threads 1, up to "
                         "the number of cores). The tables do not depend on it")
+    p.add_argument("--include-runs", type=Path, nargs="+", default=[], metavar="JSON",
+                   help="tables of earlier sweeps (their .json): their finished runs of configurations and "
+                        "seeds this sweep does not train join the tables, when their training command is "
+                        "this sweep's but for the output folder; the tables name the file and the code "
+                        "that trained them")
     p.add_argument("--rerun", action="store_true", help="train again even when an identical run finished")
     p.add_argument("--dry-run", action="store_true", help="print the training commands only")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
@@ -431,9 +595,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                     else describe_machine()),
         "torch": torch.__version__,
         "loadavg": "%.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a",
+        "code": getattr(args, "fingerprint", None),
     }
     t0 = time.perf_counter()
     plan = [(seed, name) for seed in args.seeds for name in chosen]
+    try:
+        included = included_runs(args, configs, plan)
+    except ValueError as err:
+        print(f"ablations.py: error: {err}", file=sys.stderr)
+        return 2
+    if included:  # the tables' seeds are those of every run in them
+        meta["seeds"] = sorted(set(args.seeds) | {r["seed"] for r in included})
+        meta["included"] = [
+            {"file": str(path), "runs": [[r["name"], r["seed"]] for r in included if r["included_from"] == str(path)],
+             "code": sorted({r.get("code", "?") for r in included if r["included_from"] == str(path)})}
+            for path in dict.fromkeys(r["included_from"] for r in included)]
     # One slot per planned run, in (seed, configuration) order whatever order they finish in.
     done: Dict[int, dict] = {}
 
@@ -443,12 +619,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             meta["used"] = record["train_args"]
         if args.dry_run:
             return
-        records = [done[i] for i in sorted(done)]
+        records = [done[i] for i in sorted(done)] + included
         results = args.results_dir or RESULTS
         results.mkdir(parents=True, exist_ok=True)
-        (results / f"{args.results_name}.md").write_text(markdown(aggregate(records), configs, meta))
-        (results / f"{args.results_name}.json").write_text(
-            json.dumps({"meta": meta, "summary": aggregate(records), "runs": records}, indent=2) + "\n")
+        paired = paired_differences(records, f"n{args.reference_queries}")
+        (results / f"{args.results_name}.md").write_text(markdown(aggregate(records), configs, meta, paired))
+        (results / f"{args.results_name}.json").write_text(json.dumps(
+            {"meta": meta, "summary": aggregate(records), "paired": paired, "runs": records}, indent=2) + "\n")
 
     if args.jobs == 1 or args.dry_run:
         for index, (seed, name) in enumerate(plan):
@@ -462,10 +639,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                        for index, (seed, name) in enumerate(plan)}
             for future in as_completed(futures):
                 record_finished(futures[future], future.result())
-    records = [done[i] for i in sorted(done)]
+    records = [done[i] for i in sorted(done)] + included
     if args.dry_run:
         return 0
-    print(markdown(aggregate(records), configs, meta))
+    print(markdown(aggregate(records), configs, meta, paired_differences(records, f"n{args.reference_queries}")))
     print(f"{len(records)} runs in {(time.perf_counter() - t0) / 60:.1f} min; wrote "
           f"{(args.results_dir or RESULTS) / (args.results_name + '.md')} and .json")
     return 0 if all(r.get("status") == "ok" for r in records) else 1
